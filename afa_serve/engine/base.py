@@ -1,0 +1,228 @@
+"""The engine contract: what the API layer may know of any engine.
+
+An engine turns a prompt (token ids) and sampling settings into a stream of
+`Delta`s. It knows nothing of HTTP or Prometheus: it keeps plain counters in an
+`EngineStats` that `afa_serve.metrics` reads at scrape time, and hands each
+request's own figures back in its deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(Exception):
+    """Base class of errors an engine raises for a request it cannot serve."""
+
+
+class InvalidRequestError(EngineError):
+    """The request cannot be served as asked (prompt too long, bad parameter).
+
+    `param` names the offending request field, as OpenAI's error body does.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(EngineError):
+    """The bounded waiting queue is full; the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosedError(EngineError):
+    """The engine is shutting down and takes no new work."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SpecDecodeCounts:
+    """Speculative-decoding counts, for one request or for an engine's lifetime."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def add_step(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """Record one draft/verify step: `num_draft_tokens` proposed, the first `num_accepted` kept."""
+        if num_draft_tokens == 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_draft_tokens:
+            self.accepted_per_position.extend(
+                [0] * (num_draft_tokens - len(self.accepted_per_position))
+            )
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
+
+    def merge(self, other: SpecDecodeCounts) -> None:
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        if len(self.accepted_per_position) < len(other.accepted_per_position):
+            self.accepted_per_position.extend(
+                [0] * (len(other.accepted_per_position) - len(self.accepted_per_position))
+            )
+        for position, count in enumerate(other.accepted_per_position):
+            self.accepted_per_position[position] += count
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if self.num_draft_tokens == 0:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """1 + accepted/drafts: tokens produced per target forward (the bonus token included)."""
+        if self.num_drafts == 0:
+            return None
+        return 1.0 + self.num_accepted_tokens / self.num_drafts
+
+    def copy(self) -> SpecDecodeCounts:
+        return SpecDecodeCounts(
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            list(self.accepted_per_position),
+        )
+
+
+@dataclass
+class RequestTimings:
+    """Monotonic timestamps (time.monotonic) of one request's life in the engine."""
+
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_time_s(self) -> float | None:
+        return None if self.scheduled is None else self.scheduled - self.arrival
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one request since its previous delta.
+
+    `text` is the newly decoded text (it may be empty while a multi-byte
+    character or a possible stop string is held back). The last delta of a
+    request has a `finish_reason`. Counts are cumulative for the request.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    spec: SpecDecodeCounts
+    timings: RequestTimings
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters and current gauges of an engine, read by the metrics exporter."""
+
+    spec: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+
+    def snapshot(self) -> EngineStats:
+        return EngineStats(
+            self.spec.copy(),
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.num_running,
+            self.num_waiting,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is being served, for /v1/models and the info metric."""
+
+    name: str  # the name clients use in the `model` field
+    target: str
+    draft: str | None
+    num_speculative_tokens: int
+    max_model_len: int
+    engine: str  # "torch" or "vllm"
+    dtype: str
+    device: str
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the API layer needs of an engine. Implementations: TorchEngine, VllmEngine."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def tokenizer(self):  # a transformers PreTrainedTokenizerBase
+        ...
+
+    async def start(self) -> None:
+        """Load models and start the scheduling loop."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the request's deltas; the last has a finish_reason.
+
+        Raises InvalidRequestError or QueueFullError before the first delta.
+        Closing the iterator early (a client that went away) aborts the request.
+        """
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free what it holds; a no-op if it already ended."""
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the engine's counters and gauges."""
+
+    async def shutdown(self) -> None:
+        """Stop taking work, abort what runs, free the models."""

@@ -1,0 +1,361 @@
+"""The embedded PyTorch engine: a scheduler thread stepping sequences with `SpeculativeDecoder`.
+
+Requests wait in a bounded queue, up to `max_num_seqs` run at once, and the
+scheduler gives each running sequence one speculative step per round (fair
+interleaving). Deltas go back to the asyncio side through each request's own
+queue; an aborted request is retired before its next step, freeing its caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from afa_serve.engine.base import (
+    Delta,
+    EngineClosedError,
+    EngineStats,
+    GenerationRequest,
+    InvalidRequestError,
+    ModelInfo,
+    QueueFullError,
+    RequestTimings,
+)
+from afa_serve.engine.loading import (
+    DTypeName,
+    check_draft_compatible,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    max_context_length,
+    resolve_device,
+    resolve_dtype,
+)
+from afa_serve.engine.output import OutputAssembler
+from afa_serve.engine.speculative import SequenceState, SpeculativeDecoder
+from afa_serve.engine.verify import SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+
+class TorchEngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str = Field(description="HF id, local folder or packaged name of the target model")
+    draft: str | None = Field(None, description="the draft model; None decodes plainly")
+    num_speculative_tokens: int = Field(4, ge=0, le=32)
+    served_model_name: str | None = None
+    dtype: DTypeName = "auto"
+    device: str = "auto"
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=0)
+
+
+@dataclass
+class _Sequence:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    output: OutputAssembler
+    outbox: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    timings: RequestTimings
+    state: SequenceState | None = None
+    aborted: bool = False
+    finished: bool = False
+
+    def send(self, item: Delta | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone
+            self.aborted = True
+
+
+class TorchEngine:
+    """Implements `afa_serve.engine.base.Engine` on Hugging Face models."""
+
+    def __init__(self, config: TorchEngineConfig):
+        self.config = config
+        self._decoder: SpeculativeDecoder | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._info: ModelInfo | None = None
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[str, _Sequence] = {}
+        self._stats = EngineStats()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_models(
+        cls,
+        target: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        draft: PreTrainedModel | None = None,
+        config: TorchEngineConfig | None = None,
+        draft_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> TorchEngine:
+        """An engine over models already in memory (tests, notebooks, the trainer's eval)."""
+        config = config or TorchEngineConfig(target=target.name_or_path or "target")
+        engine = cls(config)
+        engine._adopt(target, tokenizer, draft, draft_tokenizer or tokenizer)
+        return engine
+
+    # -- the Engine interface --------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("the engine is not started")
+        return self._info
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("the engine is not started")
+        return self._tokenizer
+
+    async def start(self) -> None:
+        if self._decoder is None:
+            await asyncio.to_thread(self._load)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
+            self._thread.start()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        sequence = self._admit(request)
+        try:
+            while True:
+                item = await sequence.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not sequence.finished:
+                await self.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        with self._lock:
+            sequence = self._by_id.get(request_id)
+            if sequence is None:
+                return
+            sequence.aborted = True
+            if sequence in self._waiting:
+                self._waiting.remove(sequence)
+                self._forget(sequence)
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats.snapshot()
+
+    async def shutdown(self) -> None:
+        with self._lock:
+            self._closing = True
+            for sequence in [*self._waiting, *self._running]:
+                sequence.aborted = True
+            self._lock.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        logger.info("loading target %s (%s on %s)", self.config.target, dtype, device)
+        target = load_model(self.config.target, dtype, device)
+        tokenizer = load_tokenizer(self.config.target)
+        draft = draft_tokenizer = None
+        if self.config.draft is not None and self.config.num_speculative_tokens > 0:
+            logger.info("loading draft %s", self.config.draft)
+            draft = load_model(self.config.draft, dtype, device)
+            draft_tokenizer = load_tokenizer(self.config.draft)
+        self._adopt(target, tokenizer, draft, draft_tokenizer)
+
+    def _adopt(
+        self,
+        target: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        draft: PreTrainedModel | None,
+        draft_tokenizer: PreTrainedTokenizerBase | None,
+    ) -> None:
+        if draft is not None:
+            check_draft_compatible(target, tokenizer, draft, draft_tokenizer or tokenizer)
+        k = self.config.num_speculative_tokens if draft is not None else 0
+        self._decoder = SpeculativeDecoder(target, draft, k)
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_token_ids(target, tokenizer)
+        context = max_context_length(target)
+        max_model_len = min(self.config.max_model_len or context, context)
+        self._info = ModelInfo(
+            name=self.config.served_model_name or self.config.target,
+            target=self.config.target,
+            draft=self.config.draft if draft is not None else None,
+            num_speculative_tokens=k,
+            max_model_len=max_model_len,
+            engine="torch",
+            dtype=str(target.dtype).removeprefix("torch."),
+            device=str(target.device),
+        )
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt_length = len(request.prompt_token_ids)
+        params = request.params
+        limit = self.info.max_model_len
+        if prompt_length == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if prompt_length >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_length} tokens; this model's context is {limit} tokens "
+                "and at least one must be left for the output",
+                param="prompt",
+            )
+        if params.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if prompt_length + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's context is {limit} tokens; the prompt has {prompt_length} and "
+                f"max_tokens asks for {params.max_tokens} more: lower max_tokens to at most "
+                f"{limit - prompt_length}",
+                param="max_tokens",
+            )
+        vocab_size = self._decoder.target.get_output_embeddings().weight.shape[0]
+        if any(t < 0 or t >= vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        if params.temperature < 0:
+            raise InvalidRequestError("temperature must be >= 0", param="temperature")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if params.top_k < -1:
+            raise InvalidRequestError("top_k must be -1, 0 or positive", param="top_k")
+
+    def _admit(self, request: GenerationRequest) -> _Sequence:
+        self._validate(request)
+        sequence = _Sequence(
+            request=request,
+            output=OutputAssembler(
+                self.tokenizer, request.prompt_token_ids, request.params, self._eos_ids
+            ),
+            outbox=asyncio.Queue(),
+            loop=asyncio.get_running_loop(),
+            timings=RequestTimings(arrival=request.arrival_time),
+        )
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down")
+            if request.request_id in self._by_id:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+            capacity = self.config.max_num_seqs + self.config.max_queue
+            if len(self._running) + len(self._waiting) >= capacity:
+                raise QueueFullError(
+                    f"the server is at capacity ({len(self._running)} running, "
+                    f"{len(self._waiting)} waiting); retry shortly"
+                )
+            self._waiting.append(sequence)
+            self._by_id[request.request_id] = sequence
+            self._stats.num_waiting = len(self._waiting)
+            self._lock.notify()
+        return sequence
+
+    def _forget(self, sequence: _Sequence) -> None:
+        """Drop a sequence's bookkeeping; call with the lock held."""
+        self._by_id.pop(sequence.request.request_id, None)
+        sequence.state = None
+        self._stats.num_waiting = len(self._waiting)
+        self._stats.num_running = len(self._running)
+
+    # -- the scheduler thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._running or self._closing):
+                    self._lock.wait()
+                self._retire_aborted()
+                if self._closing and not self._running and not self._waiting:
+                    return
+                while self._waiting and len(self._running) < self.config.max_num_seqs:
+                    sequence = self._waiting.popleft()
+                    sequence.timings.scheduled = time.monotonic()
+                    self._running.append(sequence)
+                self._stats.num_waiting = len(self._waiting)
+                self._stats.num_running = len(self._running)
+                batch = list(self._running)
+            for sequence in batch:
+                if not sequence.aborted:
+                    self._advance(sequence)
+
+    def _retire_aborted(self) -> None:
+        """Remove aborted sequences; call with the lock held."""
+        for sequence in [s for s in self._running if s.aborted]:
+            self._running.remove(sequence)
+            self._forget(sequence)
+        for sequence in [s for s in self._waiting if s.aborted]:
+            self._waiting.remove(sequence)
+            self._forget(sequence)
+
+    def _advance(self, sequence: _Sequence) -> None:
+        """Take one step of a sequence and send its delta, retiring it first if it finished."""
+        try:
+            delta = self._step(sequence)
+        except Exception as error:  # a fault in one request must not stop the others
+            logger.exception("request %s failed", sequence.request.request_id)
+            sequence.finished = True
+            delta = error
+        if sequence.finished:
+            with self._lock:
+                self._running.remove(sequence)
+                self._forget(sequence)
+        sequence.send(delta)
+
+    def _step(self, sequence: _Sequence) -> Delta:
+        """Prefill a new sequence or take one speculative step; return the delta."""
+        request, decoder = sequence.request, self._decoder
+        params = request.params
+        if sequence.state is None:
+            settings = SamplingSettings(params.temperature, params.top_k, params.top_p)
+            sequence.state = decoder.prefill(list(request.prompt_token_ids), settings, params.seed)
+            with self._lock:
+                self._stats.prompt_tokens += len(request.prompt_token_ids)
+        state = sequence.state
+        step = decoder.step(state, params.max_tokens - sequence.output.num_generated)
+        update = sequence.output.add(step.tokens)
+        now = time.monotonic()
+        if sequence.timings.first_token is None:
+            sequence.timings.first_token = now
+        if update.finish_reason is not None:
+            sequence.timings.finished = now
+            sequence.finished = True
+        with self._lock:
+            self._stats.generation_tokens += len(update.token_ids)
+            self._stats.spec.add_step(step.num_drafted, step.num_accepted)
+        return Delta(
+            request_id=request.request_id,
+            token_ids=update.token_ids,
+            text=update.text,
+            finish_reason=update.finish_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generated_tokens=sequence.output.num_generated,
+            spec=state.spec.copy(),
+            timings=sequence.timings,
+            stop_reason=update.stop_reason,
+        )

@@ -1,0 +1,1 @@
+"""Deployment assets (Prometheus, Grafana) and the code that builds and reads them."""

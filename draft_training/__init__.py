@@ -1,0 +1,1 @@
+"""The draft trainer: init-draft -> generate -> fit (AFA-LoRA, LoRA, full) -> merge."""

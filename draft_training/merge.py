@@ -1,0 +1,66 @@
+"""merge: a run's trained draft as a plain dense HF folder, loadable by transformers and vLLM.
+
+The adapter folds into the dense weights (W0 + s·B·A), which is exact only once λ = 0, so a
+run stopped before the end of annealing is refused. The saved folder is loaded back and its
+logits compared with the unmerged model's on samples of the run's data: the report's
+`max_abs_logit_diff` must be at float rounding level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from afa_serve.models.resolve import resolve_model
+from draft_training.afa_lora import merge
+from draft_training.atomic import atomic_directory
+from draft_training.examples import collate, load_examples
+from draft_training.run import Method, read_config, trained_model
+
+SAMPLE_EXAMPLES = 4
+SAMPLE_LENGTH = 64
+
+
+class MergeRefusedError(ValueError):
+    """The run's adapter is not linear yet (λ > 0): merging would change what it computes."""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    out: Path
+    method: Method
+    step: int  # completed optimiser steps of the merged weights
+    max_abs_logit_diff: float  # merged folder vs unmerged model, on samples of the run's data
+
+
+def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
+    config = read_config(run_dir)
+    model, weights = trained_model(run_dir)
+    if weights.lam > 0.0:
+        raise MergeRefusedError(
+            f"refusing to merge {run_dir}: its weights (step {weights.step}) were trained at "
+            f"λ = {weights.lam:g} > 0, before the end of annealing; resume the run to its end"
+        )
+    samples = collate(
+        load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
+    )
+    with torch.no_grad():
+        unmerged_logits = model(
+            input_ids=samples.input_ids, attention_mask=samples.attention_mask
+        ).logits
+    merge(model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.draft))
+    with atomic_directory(out, overwrite=overwrite) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            merged_logits = merged(
+                input_ids=samples.input_ids, attention_mask=samples.attention_mask
+            ).logits
+    mask = samples.attention_mask.bool()
+    difference = (merged_logits - unmerged_logits)[mask].abs().max().item()
+    return MergeReport(out, config.method, weights.step, difference)

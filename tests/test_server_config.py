@@ -1,0 +1,88 @@
+"""`afa-serve serve` settings: flags over AFA_SERVE_* env vars over the config file, validated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from afa_serve.cli import app, build_engine, load_serve_config
+from afa_serve.config import DEFAULT_MODEL, ConfigFileError, ServeConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in ("AFA_SERVE_CONFIG", "AFA_SERVE_PORT", "AFA_SERVE_TARGET", "AFA_SERVE_API_KEY",
+                 "AFA_SERVE_MAX_QUEUE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_serve_the_packaged_model_plainly():
+    config = ServeConfig()
+    assert (config.target, config.draft, config.engine, config.port) == (
+        DEFAULT_MODEL, None, "auto", 8000)
+
+
+def test_flags_beat_env_beat_file(tmp_path, monkeypatch):
+    file = tmp_path / "serve.yaml"
+    file.write_text("target: from-file\nport: 7001\nmax-queue: 5\ndraft: file-draft\n")
+    monkeypatch.setenv("AFA_SERVE_PORT", "7002")
+    monkeypatch.setenv("AFA_SERVE_TARGET", "from-env")
+    config = load_serve_config({"config": file, "target": "from-flag", "draft": None})
+    assert config.target == "from-flag"  # flag over env and file
+    assert config.port == 7002  # env over file
+    assert config.max_queue == 5 and config.draft == "file-draft"  # file over defaults
+
+
+def test_config_file_from_env_and_json(tmp_path, monkeypatch):
+    file = tmp_path / "serve.json"
+    file.write_text(json.dumps({"num_speculative_tokens": 2, "api_key": "s3cr3t-key"}))
+    monkeypatch.setenv("AFA_SERVE_CONFIG", str(file))
+    config = ServeConfig()
+    assert config.num_speculative_tokens == 2
+    assert config.api_options().api_key == "s3cr3t-key"
+    assert "s3cr3t-key" not in repr(config)  # the key is a secret
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("port: 99999\n", "port"),
+    ("engine: tensorrt\n", "engine"),
+    ("device: gpu0\n", "device"),
+    ("no_such_setting: 1\n", "no_such_setting"),
+    ("num_speculative_tokens: -1\n", "num_speculative_tokens"),
+])
+def test_invalid_settings_are_refused_naming_them(tmp_path, content, problem):
+    file = tmp_path / "bad.yaml"
+    file.write_text(content)
+    with pytest.raises(ValidationError, match=problem):
+        ServeConfig(config=file)
+
+
+@pytest.mark.parametrize("content", ["- a list\n- of things\n", "target: [unclosed\n"])
+def test_malformed_config_files_are_refused(tmp_path, content):
+    file = tmp_path / "bad.yaml"
+    file.write_text(content)
+    with pytest.raises(ConfigFileError):
+        ServeConfig(config=file)
+    with pytest.raises(ConfigFileError):
+        ServeConfig(config=tmp_path / "missing.yaml")
+
+
+def test_the_cli_exits_2_on_invalid_settings_before_loading_anything():
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--engine", "nope"])
+    assert result.exit_code == 2
+    assert "port" in result.output and "engine" in result.output
+
+
+def test_build_engine_hands_the_settings_to_the_torch_engine():
+    from afa_serve.engine.torch_engine import TorchEngine
+
+    config = ServeConfig(engine="torch", target="some/model", draft="some/draft",
+                         num_speculative_tokens=3, max_queue=7, served_model_name="m")
+    engine = build_engine(config)
+    assert isinstance(engine, TorchEngine)
+    assert (engine.config.target, engine.config.draft, engine.config.num_speculative_tokens,
+            engine.config.max_queue, engine.config.served_model_name) == (
+        "some/model", "some/draft", 3, 7, "m")

@@ -1,0 +1,335 @@
+"""The draft-training pipeline (init-draft, generate, fit, resume, merge) on a tiny random-weight
+Llama target with a byte-level chat tokenizer, both built in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from afa_serve.prompts import load_prompts, prompt_token_ids
+from draft_training.afa_lora import AfaLoraConfig
+from draft_training.fit import fit, resume
+from draft_training.generate import GenerateConfig, generate_responses
+from draft_training.init_draft import InitDraftConfig, init_draft
+from draft_training.merge import MergeRefusedError, merge_run
+from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path, trained_model
+from draft_training.schedule import anneal_end_step, lambda_at
+
+TARGET_LAYERS = 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPTS = [
+    {"prompt": "Name three colours."},
+    {"messages": [{"role": "user", "content": "What is 2 + 2?"}]},
+    {"prompt": "Write a haiku about the sea, please."},
+    {"prompt": "Hi"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]},
+    {"prompt": "Translate 'cat' into French."},
+    {"prompt": "List the planets of the solar system in order from the sun."},
+    {"prompt": "Say yes."},
+]
+
+
+def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {character: index for index, character in enumerate(alphabet)}
+    for special in ("<|im_start|>", "<|im_end|>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    tokenizer = byte_chat_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=TARGET_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("target")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def draft_dir(target_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("drafts") / "draft-2"
+    return init_draft(InitDraftConfig(target=str(target_dir), num_layers=2, out=out))
+
+
+@pytest.fixture(scope="module")
+def data_file(target_dir, prompts_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "data.jsonl"
+    generate_responses(
+        GenerateConfig(
+            target=str(target_dir), prompts=str(prompts_file), out=out, max_new_tokens=24
+        )
+    )
+    return out
+
+
+def load(folder: Path) -> LlamaForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+INPUT_IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+
+
+def test_init_draft_keeps_the_targets_first_layers_head_and_tokenizer(target_dir, tmp_path):
+    target = load(target_dir)
+    with torch.no_grad():
+        target_out = target(INPUT_IDS, output_hidden_states=True)
+        for layers in (TARGET_LAYERS, 2, 1):
+            out = init_draft(
+                InitDraftConfig(
+                    target=str(target_dir), num_layers=layers, out=tmp_path / f"d{layers}"
+                )
+            )
+            draft = load(out)
+            assert draft.config.num_hidden_layers == layers
+            if layers == TARGET_LAYERS:
+                expected = target_out.logits
+            else:  # the target's hidden state after `layers` layers, through its norm and head
+                expected = target.lm_head(target.model.norm(target_out.hidden_states[layers]))
+            assert torch.equal(draft(INPUT_IDS).logits, expected)
+    draft_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "d2")
+    assert draft_tokenizer.get_vocab() == AutoTokenizer.from_pretrained(target_dir).get_vocab()
+    assert draft_tokenizer.chat_template == CHAT_TEMPLATE
+    assert (
+        GenerationConfig.from_pretrained(tmp_path / "d2").eos_token_id == target.config.eos_token_id
+    )
+    with pytest.raises(FileExistsError):
+        init_draft(InitDraftConfig(target=str(target_dir), num_layers=2, out=tmp_path / "d2"))
+    with pytest.raises(ValueError, match=r"num_layers must lie in \[1, 4\]"):
+        init_draft(InitDraftConfig(target=str(target_dir), num_layers=5, out=tmp_path / "d5"))
+    assert not (tmp_path / "d5").exists()
+
+
+def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
+    target_dir, prompts_file, tmp_path
+):
+    def run(out: Path, batch_size: int, limit: int | None = None):
+        return generate_responses(
+            GenerateConfig(
+                target=str(target_dir),
+                prompts=str(prompts_file),
+                out=out,
+                limit=limit,
+                batch_size=batch_size,
+                max_new_tokens=12,
+            )
+        )
+
+    resumed = tmp_path / "resumed.jsonl"
+    first = run(resumed, batch_size=3, limit=3)
+    assert (first.already_done, first.generated) == (0, 3)
+    with open(resumed, "a") as handle:  # a batch torn by a kill mid-write
+        handle.write('{"id": "torn", "prompt_token_')
+    second = run(resumed, batch_size=3)
+    assert (second.prompts, second.already_done, second.generated) == (len(PROMPTS), 3, 5)
+    assert run(resumed, batch_size=3).generated == 0
+
+    records = [json.loads(line) for line in resumed.read_text().splitlines()]
+    prompts = load_prompts(str(prompts_file))
+    assert sorted(record["id"] for record in records) == sorted(prompt.id for prompt in prompts)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    by_id = {record["id"]: record for record in records}
+    target = load(target_dir)
+    for prompt in prompts:
+        record = by_id[prompt.id]
+        assert record["prompt_token_ids"] == prompt_token_ids(prompt, tokenizer)
+        assert 1 <= len(record["response_token_ids"]) <= 12
+        assert record["text"] == tokenizer.decode(
+            record["response_token_ids"], skip_special_tokens=True
+        )
+        with torch.no_grad():  # greedy: each response token is the target's argmax
+            ids = torch.tensor([record["prompt_token_ids"] + record["response_token_ids"]])
+            predicted = target(ids).logits[0, len(record["prompt_token_ids"]) - 1 : -1].argmax(-1)
+        assert predicted.tolist() == record["response_token_ids"]
+
+    one_by_one = tmp_path / "one-by-one.jsonl"
+    run(one_by_one, batch_size=1)
+    unbatched = {
+        json.loads(line)["id"]: json.loads(line) for line in one_by_one.read_text().splitlines()
+    }
+    assert unbatched == by_id
+
+
+def fit_config(draft_dir: Path, data_file: Path, out: Path, **overrides) -> FitConfig:
+    settings = {
+        "draft": str(draft_dir),
+        "data": data_file,
+        "out": out,
+        "adapter": AfaLoraConfig(rank=4, alpha=8, dropout=0.1),
+        "lr": 5e-3,
+        "batch_size": 2,
+        "max_steps": 8,
+        "checkpoint_every": 2,
+        "seed": 3,
+    }
+    return FitConfig(**(settings | overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics_path(run_dir).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_fit_anneals_lambda_per_optimiser_step_with_gradient_accumulation(
+    draft_dir, data_file, tmp_path, schedule
+):
+    adapter = AfaLoraConfig(rank=4, schedule=schedule, anneal_fraction=0.3)
+    # 8 examples, batches of 2, 4 micro-batches per step, 4 epochs: 16 micro-batches, 4 steps
+    config = fit_config(
+        draft_dir,
+        data_file,
+        tmp_path / "run",
+        adapter=adapter,
+        max_steps=None,
+        epochs=4,
+        grad_accum=4,
+    )
+    result = fit(config)
+    lambdas = [record["lambda"] for record in metrics(config.out)]
+    assert [record["step"] for record in metrics(config.out)] == [0, 1, 2, 3]
+    assert anneal_end_step(4, 0.3) == 2
+    assert lambdas == [lambda_at(step, 4, 0.3, schedule) for step in range(4)]
+    assert lambdas[0] == 1.0 and lambdas[1] > 0.0 and lambdas[2:] == [0.0, 0.0]
+    assert (result.steps, result.lam) == (4, 0.0)
+
+
+def test_fit_refuses_a_run_too_short_to_finish_annealing(draft_dir, data_file, tmp_path):
+    config = fit_config(
+        draft_dir,
+        data_file,
+        tmp_path / "run",
+        max_steps=3,
+        adapter=AfaLoraConfig(anneal_fraction=0.9),
+    )
+    with pytest.raises(ValueError, match="λ reaches 0 at step 3 but the run has only 3"):
+        fit(config)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(step_index: int):
+    def on_step(record: dict) -> None:
+        if record["step"] == step_index:
+            raise Killed
+
+    return on_step
+
+
+@pytest.mark.parametrize("method", ["afa-lora", "full"])
+def test_a_killed_fit_resumes_to_the_same_weights_as_an_uninterrupted_run(
+    draft_dir, data_file, tmp_path, method
+):
+    adapter = None if method == "full" else AfaLoraConfig(rank=4, alpha=8, dropout=0.1)
+    whole = fit_config(draft_dir, data_file, tmp_path / "whole", adapter=adapter, grad_accum=2)
+    killed = whole.model_copy(update={"out": tmp_path / "killed"})
+    fit(whole)
+
+    with pytest.raises(Killed):
+        fit(killed, on_step=kill_after(4))  # 5 steps done; the last checkpoint holds 4
+    assert not final_path(killed.out).exists()
+    assert torch.load(checkpoint_path(killed.out), weights_only=True)["step"] == 4
+    assert len(metrics(killed.out)) == 5
+    result = resume(killed.out)
+
+    assert result.steps == 8 and not checkpoint_path(killed.out).exists()
+    assert metrics(killed.out) == metrics(whole.out)
+    whole_weights, resumed_weights = (
+        load_file(final_path(whole.out)),
+        load_file(final_path(killed.out)),
+    )
+    assert whole_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(whole_weights[name], resumed_weights[name]) for name in whole_weights)
+    losses = [record["loss"] for record in metrics(whole.out)]
+    assert losses[-1] < losses[0]
+
+
+def test_lora_keeps_lambda_at_zero(draft_dir, data_file, tmp_path):
+    config = fit_config(
+        draft_dir, data_file, tmp_path / "run", adapter=AfaLoraConfig(method="lora")
+    )
+    fit(config)
+    assert {record["lambda"] for record in metrics(config.out)} == {0.0}
+
+
+def test_merge_writes_a_dense_folder_that_computes_what_the_trained_draft_does(
+    draft_dir, data_file, tmp_path
+):
+    run = fit_config(draft_dir, data_file, tmp_path / "run")
+    fit(run)
+    report = merge_run(run.out, tmp_path / "merged")
+    assert report.max_abs_logit_diff < 1e-4
+    assert (report.method, report.step) == ("afa-lora", 8)
+
+    merged = load(tmp_path / "merged")
+    assert not any("lora" in name for name in load_file(tmp_path / "merged" / "model.safetensors"))
+    trained, _ = trained_model(run.out)
+    untrained = load(draft_dir)
+    with torch.no_grad():
+        trained_logits = trained(INPUT_IDS).logits
+        assert (merged(INPUT_IDS).logits - trained_logits).abs().max() < 1e-4
+        assert (untrained(INPUT_IDS).logits - trained_logits).abs().max() > 1e-2
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(draft_dir).get_vocab()
+    assert (
+        GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == tokenizer.eos_token_id
+    )
+
+
+def test_merge_refuses_a_run_stopped_while_lambda_is_above_zero(draft_dir, data_file, tmp_path):
+    run = fit_config(draft_dir, data_file, tmp_path / "run", checkpoint_every=1)
+    with pytest.raises(Killed):
+        fit(run, on_step=kill_after(0))  # checkpoint after step 0, trained at λ = 1
+    with pytest.raises(MergeRefusedError, match=r"trained at λ = 1 > 0"):
+        merge_run(run.out, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    resume(run.out)
+    assert merge_run(run.out, tmp_path / "merged").max_abs_logit_diff < 1e-4
