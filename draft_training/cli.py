@@ -41,7 +41,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_stderr = Console(stderr=True, highlight=False)
+_stderr = Console(stderr=True, highlight=False, markup=False)
 
 
 def _log(message: str) -> None:
@@ -400,6 +400,7 @@ def eval_command(
 
 
 def _mission_config(
+    *,
     target: str,
     work_dir: Path,
     prompts: list[str] | None,
@@ -477,23 +478,23 @@ def mission(
     """
     with _user_errors():
         config = _mission_config(
-            target,
-            work_dir,
-            prompts,
-            num_prompts,
-            num_heldout,
-            layers,
-            max_new_tokens,
-            steps,
-            batch_size,
-            rank,
-            alpha,
-            activation,
-            schedule,
-            anneal_fraction,
-            lr,
-            seed,
-            device,
+            target=target,
+            work_dir=work_dir,
+            prompts=prompts,
+            num_prompts=num_prompts,
+            num_heldout=num_heldout,
+            layers=layers,
+            max_new_tokens=max_new_tokens,
+            steps=steps,
+            batch_size=batch_size,
+            rank=rank,
+            alpha=alpha,
+            activation=activation,
+            schedule=schedule,
+            anneal_fraction=anneal_fraction,
+            lr=lr,
+            seed=seed,
+            device=device,
         )
         result = run_mission(config, _log)
     total = sum(step.seconds for step in result.steps if step.ran)
@@ -564,23 +565,23 @@ def compare(
     with _user_errors():
         config = CompareConfig(
             mission=_mission_config(
-                target,
-                work_dir,
-                prompts,
-                num_prompts,
-                num_heldout,
-                layers,
-                max_new_tokens,
-                steps,
-                batch_size,
-                rank,
-                alpha,
-                activation,
-                schedule,
-                anneal_fraction,
-                lr,
-                seed,
-                device,
+                target=target,
+                work_dir=work_dir,
+                prompts=prompts,
+                num_prompts=num_prompts,
+                num_heldout=num_heldout,
+                layers=layers,
+                max_new_tokens=max_new_tokens,
+                steps=steps,
+                batch_size=batch_size,
+                rank=rank,
+                alpha=alpha,
+                activation=activation,
+                schedule=schedule,
+                anneal_fraction=anneal_fraction,
+                lr=lr,
+                seed=seed,
+                device=device,
             ),
             out=out,
             lr_full=lr_full,

@@ -44,6 +44,7 @@ from draft_training.pipeline import (
     Prepared,
     StepOutcome,
     WorkDir,
+    afa_run_name,
     fit_step,
     merge_step,
     prepare,
@@ -76,10 +77,6 @@ class Arm:
     method: Method | None  # None: the untrained draft
     adapter: AfaLoraConfig | None
     lr: float
-
-
-def afa_run_name(adapter: AfaLoraConfig) -> str:
-    return f"afa-lora-{adapter.activation}-{adapter.schedule}-{adapter.anneal_fraction:g}"
 
 
 def arms(config: CompareConfig) -> dict[str, Arm]:

@@ -253,6 +253,11 @@ def merge_step(work: WorkDir, name: str, run: StepOutcome) -> StepOutcome:
     return work.step(f"merge-{name}", {"out": str(out)}, out, merge, after=[run])
 
 
+def afa_run_name(adapter: AfaLoraConfig) -> str:
+    """Runs are named by their AFA-LoRA settings, so `compare` reuses the mission's run."""
+    return f"afa-lora-{adapter.activation}-{adapter.schedule}-{adapter.anneal_fraction:g}"
+
+
 @dataclass(frozen=True)
 class MissionResult:
     draft: Path  # the merged draft folder, ready to serve
@@ -263,10 +268,11 @@ class MissionResult:
 def run_mission(config: MissionConfig, log: Log) -> MissionResult:
     work = WorkDir(config.work_dir, log)
     prepared = prepare(config, work)
+    name = afa_run_name(config.adapter)
     fit_config = FitConfig(
         draft=str(prepared.draft_init.output),
         data=prepared.data.output,
-        out=config.work_dir / "runs" / "afa-lora",
+        out=config.work_dir / "runs" / name,
         adapter=config.adapter,
         lr=config.lr,
         max_steps=config.steps,
@@ -274,7 +280,7 @@ def run_mission(config: MissionConfig, log: Log) -> MissionResult:
         seed=config.seed,
         device=config.device,
     )
-    fitted = fit_step(work, "afa-lora", fit_config, after=[prepared.draft_init, prepared.data])
-    merged = merge_step(work, "afa-lora", fitted)
+    fitted = fit_step(work, name, fit_config, after=[prepared.draft_init, prepared.data])
+    merged = merge_step(work, name, fitted)
     steps = [prepared.train_prompts, prepared.draft_init, prepared.data, fitted, merged]
     return MissionResult(merged.output, prepared.heldout_prompts, steps)

@@ -66,7 +66,10 @@ def test_report_sums_the_engines_counts_and_derives_the_figures_from_them(target
     assert counts["generated_tokens"] == generated
 
     assert list(data)[:4] == [
-        "mean_acceptance_length", "acceptance_rate", "acceptance_per_position", "num_prompts",
+        "mean_acceptance_length",
+        "acceptance_rate",
+        "acceptance_per_position",
+        "num_prompts",
     ]
     assert data["num_prompts"] == 4 and data["k"] == K
     assert data["mean_acceptance_length"] == 1 + expected.num_accepted_tokens / expected.num_drafts

@@ -25,22 +25,31 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QUESTIONS = [
-    "Name three colours.", "What is 2 + 2?", "Write a haiku about the sea.", "Hi",
-    "Translate 'cat' into French.", "List the planets.", "Say yes.", "Why is the sky blue?",
-    "Count to five.", "Spell 'draft'.",
+    "Name three colours.",
+    "What is 2 + 2?",
+    "Write a haiku about the sea.",
+    "Hi",
+    "Translate 'cat' into French.",
+    "List the planets.",
+    "Say yes.",
+    "Why is the sky blue?",
+    "Count to five.",
+    "Spell 'draft'.",
 ]
 
 
 def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {character: index for index, character in enumerate(alphabet)}
-    for special in ("<|im_start|>", "<|im_end|>", "<pad>"):
+    for special in ("<|im_start|>", "<pad>", "<|im_end|>"):  # EOS last, as tiny_llama has it
         vocab[special] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>",
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -50,10 +59,7 @@ def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory) -> Path:
     tokenizer = byte_chat_tokenizer()
-    model = tiny_llama(
-        vocab_size=len(tokenizer), layers=3, seed=0, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model = tiny_llama(vocab_size=len(tokenizer), layers=3, pad_token_id=tokenizer.pad_token_id)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     folder = tmp_path_factory.mktemp("target")
     model.save_pretrained(folder)
@@ -97,10 +103,37 @@ def test_each_command_runs_end_to_end(target_dir, prompts_file, tmp_path):
 
     run = tmp_path / "run"
     stdout, stderr = invoke(
-        "fit", "--draft", tmp_path / "draft", "--data", data, "--out", run, "--method",
-        "afa-lora", "--rank", 4, "--alpha", 8, "--target-modules", "q_proj,v_proj,down_proj",
-        "--activation", "silu", "--schedule", "cosine", "--anneal-fraction", 0.5, "--lr", 3e-3,
-        "--max-steps", 6, "--batch-size", 4, "--grad-accum", 2, "--seed", 1,
+        "fit",
+        "--draft",
+        tmp_path / "draft",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--method",
+        "afa-lora",
+        "--rank",
+        4,
+        "--alpha",
+        8,
+        "--target-modules",
+        "q_proj,v_proj,down_proj",
+        "--activation",
+        "silu",
+        "--schedule",
+        "cosine",
+        "--anneal-fraction",
+        0.5,
+        "--lr",
+        3e-3,
+        "--max-steps",
+        6,
+        "--batch-size",
+        4,
+        "--grad-accum",
+        2,
+        "--seed",
+        1,
     )
     assert last_line(stdout) == str(run) and "final λ = 0" in stderr
     config = FitConfig.model_validate_json((run / "config.json").read_text())
@@ -119,8 +152,21 @@ def test_each_command_runs_end_to_end(target_dir, prompts_file, tmp_path):
 
     report_path = tmp_path / "report.json"
     stdout, _ = invoke(
-        "eval", "--target", target_dir, "--draft", target_dir, "--prompts", prompts_file,
-        "-k", 3, "--max-new-tokens", 8, "--limit", 3, "--out", report_path,
+        "eval",
+        "--target",
+        target_dir,
+        "--draft",
+        target_dir,
+        "--prompts",
+        prompts_file,
+        "-k",
+        3,
+        "--max-new-tokens",
+        8,
+        "--limit",
+        3,
+        "--out",
+        report_path,
     )
     report = json.loads(report_path.read_text())
     assert last_line(stdout) == str(report_path)
@@ -128,8 +174,21 @@ def test_each_command_runs_end_to_end(target_dir, prompts_file, tmp_path):
     assert report["acceptance_rate"] == 1.0  # the target drafting for itself
     assert len(report["acceptance_per_position"]) == 3
     invoke(
-        "eval", "--target", target_dir, "--draft", tmp_path / "merged", "--prompts", prompts_file,
-        "-k", 3, "--max-new-tokens", 8, "--limit", 3, "--out", report_path,
+        "eval",
+        "--target",
+        target_dir,
+        "--draft",
+        tmp_path / "merged",
+        "--prompts",
+        prompts_file,
+        "-k",
+        3,
+        "--max-new-tokens",
+        8,
+        "--limit",
+        3,
+        "--out",
+        report_path,
     )
     assert 0.0 <= json.loads(report_path.read_text())["acceptance_rate"] < 1.0
 
@@ -143,11 +202,24 @@ def test_an_interrupted_fit_is_refused_by_merge_and_finished_by_resume(
 ):
     invoke("init-draft", "--target", target_dir, "--layers", 1, "--out", tmp_path / "draft")
     data = tmp_path / "data.jsonl"
-    invoke("generate", "--target", target_dir, "--prompts", prompts_file, "--out", data,
-           "--max-new-tokens", 8)
+    invoke(
+        "generate",
+        "--target",
+        target_dir,
+        "--prompts",
+        prompts_file,
+        "--out",
+        data,
+        "--max-new-tokens",
+        8,
+    )
     run = FitConfig(
-        draft=str(tmp_path / "draft"), data=data, out=tmp_path / "run", max_steps=8,
-        batch_size=4, checkpoint_every=1,
+        draft=str(tmp_path / "draft"),
+        data=data,
+        out=tmp_path / "run",
+        max_steps=8,
+        batch_size=4,
+        checkpoint_every=1,
     )
 
     def kill_after_step_1(record: dict) -> None:
@@ -162,8 +234,7 @@ def test_an_interrupted_fit_is_refused_by_merge_and_finished_by_resume(
     assert refused.exit_code == 1 and "refusing to merge" in refused.stderr
     assert not (tmp_path / "merged").exists()
 
-    stdout, stderr = invoke("fit", "--draft", "ignored", "--data", data, "--out", run.out,
-                            "--resume")
+    _, stderr = invoke("fit", "--draft", "ignored", "--data", data, "--out", run.out, "--resume")
     assert "resuming the run" in stderr and "trained 8 steps" in stderr
     assert len(metrics_path(run.out).read_text().splitlines()) == 8
     _, stderr = invoke("resume", run.out)  # a finished run stays as it is
@@ -173,9 +244,27 @@ def test_an_interrupted_fit_is_refused_by_merge_and_finished_by_resume(
 
 def mission_args(target_dir: Path, prompts_file: Path, work: Path, steps: int) -> list[object]:
     return [
-        "mission", "--target", target_dir, "--work-dir", work, "--prompts", prompts_file,
-        "--num-prompts", 6, "--num-heldout", 3, "--layers", 1, "--max-new-tokens", 8,
-        "--steps", steps, "--batch-size", 3, "--rank", 4,
+        "mission",
+        "--target",
+        target_dir,
+        "--work-dir",
+        work,
+        "--prompts",
+        prompts_file,
+        "--num-prompts",
+        6,
+        "--num-heldout",
+        3,
+        "--layers",
+        1,
+        "--max-new-tokens",
+        8,
+        "--steps",
+        steps,
+        "--batch-size",
+        3,
+        "--rank",
+        4,
     ]
 
 
@@ -185,9 +274,10 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     work = tmp_path / "work"
     stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=4))
     draft = Path(last_line(stdout))
-    assert draft == work / "drafts" / "afa-lora"
+    assert draft == work / "drafts" / "afa-lora-relu-linear-0.3"
     assert AutoModelForCausalLM.from_pretrained(draft).config.num_hidden_layers == 1
-    steps = ["prompts", "init-draft", "generate", "fit-afa-lora", "merge-afa-lora"]
+    run = "afa-lora-relu-linear-0.3"
+    steps = ["prompts", "init-draft", "generate", f"fit-{run}", f"merge-{run}"]
     assert all(f"[run]  {step}" in stderr for step in steps)
 
     heldout = [json.loads(line) for line in (work / "prompts/heldout.jsonl").open()]
@@ -211,8 +301,8 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
 
     stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=5))
     assert all(f"[skip] {step}" in stderr for step in ("prompts", "init-draft", "generate"))
-    assert "[run]  fit-afa-lora" in stderr and "[run]  merge-afa-lora" in stderr
-    assert len(metrics_path(work / "runs" / "afa-lora").read_text().splitlines()) == 5
+    assert f"[run]  fit-{run}" in stderr and f"[run]  merge-{run}" in stderr
+    assert len(metrics_path(work / "runs" / run).read_text().splitlines()) == 5
     after = finished()
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
 
@@ -222,11 +312,41 @@ def test_compare_trains_every_arm_and_writes_table_plots_and_results(
 ):
     out = tmp_path / "out"
     stdout, _ = invoke(
-        "compare", "--target", target_dir, "--work-dir", tmp_path / "work", "--out", out,
-        "--prompts", prompts_file, "--num-prompts", 6, "--num-heldout", 3, "--layers", 1,
-        "--max-new-tokens", 8, "--steps", 4, "--batch-size", 3, "--rank", 4, "-k", 2,
-        "--eval-max-new-tokens", 6, "--activations", "relu,gelu", "--schedules", "linear",
-        "--anneal-fractions", "0.3", "--lr-full", 1e-3,
+        "compare",
+        "--target",
+        target_dir,
+        "--work-dir",
+        tmp_path / "work",
+        "--out",
+        out,
+        "--prompts",
+        prompts_file,
+        "--num-prompts",
+        6,
+        "--num-heldout",
+        3,
+        "--layers",
+        1,
+        "--max-new-tokens",
+        8,
+        "--steps",
+        4,
+        "--batch-size",
+        3,
+        "--rank",
+        4,
+        "-k",
+        2,
+        "--eval-max-new-tokens",
+        6,
+        "--activations",
+        "relu,gelu",
+        "--schedules",
+        "linear",
+        "--anneal-fractions",
+        "0.3",
+        "--lr-full",
+        1e-3,
     )
     names = ["table.md", "per_position.png", "training.png", "ablation.png", "results.json"]
     assert [Path(line).name for line in stdout.strip().splitlines()[-5:]] == names
@@ -247,7 +367,10 @@ def test_compare_trains_every_arm_and_writes_table_plots_and_results(
     assert [cell["adapter"]["activation"] for cell in results["ablation"]] == ["relu", "gelu"]
     assert results["ablation"][0]["eval"] == arms["afa-lora"]["eval"]
     assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == [
-        "afa-lora-gelu-linear-0.3", "afa-lora-relu-linear-0.3", "full", "lora",
+        "afa-lora-gelu-linear-0.3",
+        "afa-lora-relu-linear-0.3",
+        "full",
+        "lora",
     ]
 
     table = (out / "table.md").read_text()
