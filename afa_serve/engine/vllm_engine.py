@@ -9,7 +9,11 @@ afa-serve's `Engine` interface, so the same HTTP layer, metrics and dashboards s
   summed into an `EngineStats`. vLLM also registers its own `vllm:*` metrics in
   prometheus_client's default registry; afa-serve's /metrics renders its own registry only.
 - Per-request speculative figures come from vLLM's per-request spec-decode metrics, which vLLM
-  sends with a request's last output only: earlier deltas carry empty counts.
+  sends with a request's last output only: earlier deltas carry empty counts. Releases without
+  them (before `per_request_spec_decode_metrics`, e.g. 0.24) send none: every delta carries
+  empty counts, while the engine-wide figures are complete on every release.
+- Admission is this engine's own, as the torch engine's: at most max_num_seqs + max_queue
+  requests at once, beyond them QueueFullError (not every vLLM release has an admission limit).
 - Before vLLM starts, the draft is checked against the target (tokenizer vocabularies, output
   vocabulary sizes, tensor-parallel sizes) so a mismatch is one clear error, not a failure
   deep inside vLLM's start-up.
@@ -193,7 +197,7 @@ class StatsAccumulator:
 
 
 def stat_logger_factory(accumulator: StatsAccumulator) -> Callable[..., Any]:
-    """A per-engine stat logger factory for `AsyncLLM(stat_loggers=[...])`, feeding `accumulator`."""
+    """A per-engine stat logger factory for `AsyncLLM(stat_loggers=[...])` feeding `accumulator`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class AfaServeStatLogger(StatLoggerBase):
@@ -208,6 +212,14 @@ def stat_logger_factory(accumulator: StatsAccumulator) -> Callable[..., Any]:
             logger.info("vLLM engine %d initialized", self._engine_index)
 
     return AfaServeStatLogger
+
+
+def vllm_has_per_request_spec_metrics() -> bool:
+    """Whether this vLLM can send per-request spec-decode metrics (0.32 can, 0.24 cannot)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return "per_request_spec_decode_metrics" in {
+        f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
 def request_spec_counts(metrics: Any) -> SpecDecodeCounts:
@@ -274,13 +286,18 @@ class VllmEngine:
             raise EngineClosedError("the engine is shutting down")
         if request.request_id in self._active:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        capacity = self.config.max_num_seqs + self.config.max_queue
+        if len(self._active) >= capacity:
+            raise QueueFullError(
+                f"the server is at capacity ({len(self._active)} requests); retry shortly")
         params = self._sampling_params(request.params)
-        engine_input = await self._engine_input(request.prompt_token_ids)
         timings = RequestTimings(arrival=request.arrival_time)
-        outputs = llm.generate(engine_input, params, request.request_id)
-        self._active.add(request.request_id)
+        self._active.add(request.request_id)  # no await since the checks: admission is exact
+        outputs: Any = None
         generated = 0
         try:
+            engine_input = await self._engine_input(request.prompt_token_ids)
+            outputs = llm.generate(engine_input, params, request.request_id)
             while True:
                 output = await self._next_output(outputs)
                 now = time.monotonic()
@@ -291,8 +308,10 @@ class VllmEngine:
                 spec = SpecDecodeCounts()
                 if finish_reason is not None:
                     timings.finished = now
-                    if completion.spec_decode_metrics is not None:
-                        spec = request_spec_counts(completion.spec_decode_metrics)
+                    # Absent before vLLM had per-request spec-decode metrics (0.24).
+                    metrics = getattr(completion, "spec_decode_metrics", None)
+                    if metrics is not None:
+                        spec = request_spec_counts(metrics)
                 yield Delta(
                     request_id=request.request_id,
                     token_ids=tuple(completion.token_ids),
@@ -308,7 +327,8 @@ class VllmEngine:
                     return
         finally:
             self._active.discard(request.request_id)
-            await outputs.aclose()  # vLLM aborts a request whose generator closes unfinished
+            if outputs is not None:  # vLLM aborts a request whose generator closes unfinished
+                await outputs.aclose()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and request_id in self._active:
@@ -362,8 +382,6 @@ class VllmEngine:
             kv_cache_memory_bytes=config.kv_cache_memory_bytes,
             enforce_eager=config.enforce_eager,
             max_num_seqs=config.max_num_seqs,
-            # Requests admitted at once, running or waiting: beyond them, QueueOverflowError.
-            max_num_queued_reqs=config.max_num_seqs + config.max_queue,
             disable_log_stats=True,  # no periodic log lines; our stat logger still gets stats
         )
         if memory is not None:
@@ -377,8 +395,7 @@ class VllmEngine:
             if config.draft_tensor_parallel_size is not None:
                 speculative["draft_tensor_parallel_size"] = config.draft_tensor_parallel_size
             settings["speculative_config"] = speculative
-            if "per_request_spec_decode_metrics" in {f.name for f in
-                                                     dataclasses.fields(AsyncEngineArgs)}:
+            if vllm_has_per_request_spec_metrics():  # 0.24 has not: see the module doc
                 settings["per_request_spec_decode_metrics"] = "summary"
         return AsyncEngineArgs(**settings)
 
@@ -423,6 +440,7 @@ class VllmEngine:
     @staticmethod
     def _sampling_params(params: SamplingParams) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
         try:
@@ -437,11 +455,12 @@ class VllmEngine:
                 ignore_eos=params.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except ValueError as error:  # vLLM's VLLMValidationError is a ValueError too
+        except (VLLMValidationError, ValueError) as error:  # a ValueError up to 0.24, not in 0.32
             raise InvalidRequestError(str(error), getattr(error, "parameter", None)) from None
 
     async def _engine_input(self, prompt_token_ids: tuple[int, ...]) -> Any:
         """The prompt as vLLM's engine takes it: rendered by its renderer where it has one."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
@@ -450,23 +469,23 @@ class VllmEngine:
             return prompt
         try:
             (engine_input,) = await renderer.render_cmpl_async([prompt])
-        except ValueError as error:
+        except (VLLMValidationError, ValueError) as error:
             raise InvalidRequestError(str(error), "prompt") from None
         return engine_input
 
     @staticmethod
     async def _next_output(outputs: AsyncIterator[Any]) -> Any:
-        """vLLM's next output; its refusals (raised before the first) as our engine errors."""
-        from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+        """vLLM's next output; its refusals (raised before the first) as our engine errors:
+        vLLM's generate() lets through a ValueError only for a bad request, and raises
+        VLLMValidationError, a ValueError up to 0.24 but not in 0.32, for bad requests too."""
+        from vllm.exceptions import VLLMValidationError
 
         try:
             return await anext(outputs)
         except StopAsyncIteration:
             raise EngineError("vLLM's output stream ended without a finish reason") from None
-        except VLLMValidationError as error:
-            raise InvalidRequestError(str(error), error.parameter) from None
-        except GracefulHTTPError as error:  # admission control: the request queue is full
-            raise QueueFullError(error.message) from None
+        except (VLLMValidationError, ValueError) as error:
+            raise InvalidRequestError(str(error), getattr(error, "parameter", None)) from None
 
     @staticmethod
     def _finish_reason(reason: str | None) -> FinishReason | None:
