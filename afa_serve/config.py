@@ -64,6 +64,15 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         return read_config_file(self._path) if self._path else {}
 
 
+COMMON_ENGINE_SETTINGS = {
+    "target", "draft", "num_speculative_tokens", "served_model_name", "dtype", "device",
+    "max_model_len", "max_num_seqs", "max_queue",
+}
+VLLM_SETTINGS = {
+    "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager",
+}
+
+
 class ServeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
@@ -88,6 +97,15 @@ class ServeConfig(BaseSettings):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="Else 413.")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: wait this long for requests.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # The vLLM engine's own settings (see VLLM_SETTINGS).
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs the target spans.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM: share of GPU (on CPU: host) memory it may use."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="vLLM: KV cache size in bytes; overrides the utilization."
+    )
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs / torch.compile.")
 
     @classmethod
     def settings_customise_sources(
@@ -107,9 +125,11 @@ class ServeConfig(BaseSettings):
             max_body_bytes=self.max_body_bytes,
         )
 
-    def engine_settings(self) -> dict[str, Any]:
-        """What every engine's config takes."""
-        return self.model_dump(include={
-            "target", "draft", "num_speculative_tokens", "served_model_name", "dtype", "device",
-            "max_model_len", "max_num_seqs", "max_queue",
-        })
+    def engine_settings(self, engine: Literal["torch", "vllm"]) -> dict[str, Any]:
+        """What `engine`'s config takes: the common settings, plus VLLM_SETTINGS for vLLM."""
+        return self.model_dump(include=COMMON_ENGINE_SETTINGS | (
+            VLLM_SETTINGS if engine == "vllm" else set()))
+
+    def vllm_settings_set(self) -> list[str]:
+        """The vLLM-only settings given a value other than their default."""
+        return sorted(name for name in VLLM_SETTINGS if name in self.model_fields_set)

