@@ -141,7 +141,7 @@ def _print_table(results: dict) -> None:
     table = Table(title=f"plain vs speculative, {results['num_prompts']} prompts")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     for key in ("plain_tokens_per_s", "spec_tokens_per_s", "speedup", "acceptance_rate",
                 "mean_acceptance_length", "greedy_identical"):
         table.add_row(key, fmt(results[key]))

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
