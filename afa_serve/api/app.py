@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from afa_serve import __version__
 from afa_serve.api.errors import install_error_handlers
 from afa_serve.api.middleware import (
     CountRequests,
@@ -60,7 +60,7 @@ def create_app(engine: Engine, options: ApiOptions | None = None) -> FastAPI:
 
     app = FastAPI(
         title="afa-serve",
-        version=importlib.metadata.version("afa-serve"),
+        version=__version__,  # also when run from a checkout, not installed
         description="OpenAI-compatible completions and chat completions, decoded speculatively.",
         lifespan=lifespan,
     )

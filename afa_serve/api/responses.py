@@ -112,7 +112,10 @@ class ResponseAccount:
         )
 
 
-def speculative_metrics(deltas: list[Delta], k: int) -> SpeculativeDecodingMetrics:
+def speculative_metrics(deltas: list[Delta], k: int) -> SpeculativeDecodingMetrics | None:
+    """The choices' figures summed; None (null) where the engine does not know one's."""
+    if any(delta.spec is None for delta in deltas):
+        return None
     spec = SpecDecodeCounts()
     for delta in deltas:
         spec.merge(delta.spec)

@@ -145,7 +145,9 @@ class Delta:
 
     `text` is the newly decoded text (it may be empty while a multi-byte
     character or a possible stop string is held back). The last delta of a
-    request has a `finish_reason`. Counts are cumulative for the request.
+    request has a `finish_reason`. Counts are cumulative for the request; `spec` is None where
+    the engine does not know the request's own speculative figures (vLLM sends them with a
+    request's last output only, and not at all before 0.32 or for a request cut by a stop string).
     """
 
     request_id: str
@@ -154,7 +156,7 @@ class Delta:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_generated_tokens: int
-    spec: SpecDecodeCounts
+    spec: SpecDecodeCounts | None
     timings: RequestTimings
     stop_reason: str | int | None = None  # the stop string or token that ended it
 

@@ -305,13 +305,11 @@ class VllmEngine:
                 generated += len(completion.token_ids)
                 self._note_times(timings, output, now, bool(completion.token_ids))
                 finish_reason = self._finish_reason(completion.finish_reason)
-                spec = SpecDecodeCounts()
                 if finish_reason is not None:
                     timings.finished = now
-                    # Absent before vLLM had per-request spec-decode metrics (0.24).
-                    metrics = getattr(completion, "spec_decode_metrics", None)
-                    if metrics is not None:
-                        spec = request_spec_counts(metrics)
+                # Sent with the last output only; never before vLLM 0.32 (no such attribute).
+                metrics = getattr(completion, "spec_decode_metrics", None)
+                spec = request_spec_counts(metrics) if metrics is not None else None
                 yield Delta(
                     request_id=request.request_id,
                     token_ids=tuple(completion.token_ids),

@@ -160,9 +160,6 @@ DEPARTURES: dict[tuple[str, str], str] = {
         "chat template"),
     ("unknown field", "status"): (
         "afa-serve: OpenAI refuses unknown arguments; vLLM ignores them (it logs a warning)"),
-    ("completion + stop string", "spec metrics"): (
-        "afa-serve is wrong here: vLLM sends no per-request speculative figures for a request "
-        "ended by a stop string; afa-serve reports zeros where it should report null"),
     **{(name, "spec metrics"): (
         "an extension: vLLM reports none for a response of several choices, afa-serve sums "
         "them") for name in ("completion n=2 sampled", "completion of two prompts")},

@@ -84,7 +84,8 @@ def test_a_stream_carries_what_the_whole_response_carries(vllm_server):
         spec = whole.model_extra["metrics"]["speculative_decoding"]
         assert usage_chunk.model_extra["metrics"]["speculative_decoding"] == spec
     assert whole.choices[0].finish_reason == "length"
-    assert spec["num_spec_steps"] > 0 or not PER_REQUEST_SPEC
+    # Without vLLM's per-request figures (0.24) the response says null, not zeros.
+    assert spec["num_spec_steps"] > 0 if PER_REQUEST_SPEC else spec is None
 
 
 def test_a_client_that_goes_away_is_aborted_in_vllm(vllm_server):
