@@ -42,6 +42,9 @@ ACTIVATIONS: dict[ActivationName, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A truncated draft feeds its 2nd layer's hidden state to a final norm tuned for the 30th: the
+# norm weights (576 numbers each in SmolLM2) are trained in full, as PEFT's `modules_to_save`.
+NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 
 
 class AfaLoraConfig(BaseModel):
@@ -54,6 +57,7 @@ class AfaLoraConfig(BaseModel):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] | Literal["all-linear"] = ATTENTION_AND_MLP
+    modules_to_save: tuple[str, ...] = NORMS  # trained in full, matched like target_modules
     activation: ActivationName = "relu"
     schedule: ScheduleKind = "linear"
     anneal_fraction: float = Field(0.3, ge=0.0, le=1.0)
@@ -150,14 +154,19 @@ def _target_names(model: nn.Module, target_modules: tuple[str, ...] | str) -> li
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not output_layer
         ]
-    names = [
-        name
-        for name, _ in model.named_modules()
-        if any(name == key or name.endswith(f".{key}") for key in target_modules)
-    ]
+    names = _matching(model, target_modules)
     if not names:
         raise ValueError(f"no module of the model matches target_modules {list(target_modules)}")
     return names
+
+
+def _matching(model: nn.Module, keys: tuple[str, ...]) -> list[str]:
+    """Names of the modules whose name is a key or ends in `.key`, as PEFT matches them."""
+    return [
+        name
+        for name, _ in model.named_modules()
+        if any(name == key or name.endswith(f".{key}") for key in keys)
+    ]
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -166,12 +175,15 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: AfaLoraConfig) -> list[AfaLoraLinear]:
-    """Freeze `model` and wrap its target linear layers in place; returns the wrapped layers.
+    """Freeze `model` but its `modules_to_save`, and wrap its target linear layers in place;
+    returns the wrapped layers.
 
     λ starts at 1.0 for AFA-LoRA (λ of step 0; B = 0 makes the start exact either way) and at
     0.0 for plain LoRA.
     """
     model.requires_grad_(False)
+    for name in _matching(model, config.modules_to_save):
+        model.get_submodule(name).requires_grad_(True)
     initial_lambda = config.lambda_at(0, total_steps=1)
     wrapped: list[AfaLoraLinear] = []
     for name in _target_names(model, config.target_modules):

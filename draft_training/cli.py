@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from afa_serve.engine.loading import DeviceName, DTypeName
-from draft_training.afa_lora import ATTENTION_AND_MLP, ActivationName, AfaLoraConfig
+from draft_training.afa_lora import ATTENTION_AND_MLP, NORMS, ActivationName, AfaLoraConfig
 from draft_training.atomic import write_json
 from draft_training.compare import CompareConfig, run_compare
 from draft_training.evaluate import EvalConfig, evaluate_config
@@ -222,6 +222,14 @@ def fit(
             "all-linear."
         ),
     ] = ",".join(ATTENTION_AND_MLP),
+    modules_to_save: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated modules trained in full beside the adapter (as PEFT's "
+            "modules_to_save); empty for none. Default: the RMSNorm weights, which a truncated "
+            "draft needs retuned."
+        ),
+    ] = ",".join(NORMS),
     activation: Activation = "relu",
     schedule: Schedule = "linear",
     anneal_fraction: AnnealFraction = 0.3,
@@ -278,6 +286,7 @@ def fit(
                     alpha=alpha,
                     dropout=dropout,
                     target_modules=_target_modules(target_modules),
+                    modules_to_save=tuple(n.strip() for n in modules_to_save.split(",") if n.strip()),
                     activation=activation,
                     schedule=schedule,
                     anneal_fraction=anneal_fraction,

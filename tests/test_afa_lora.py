@@ -90,7 +90,8 @@ def test_sigma_is_the_identity_at_lambda_zero_and_f_at_one(activation):
 def test_inject_wraps_the_targets_freezes_the_rest_and_starts_as_the_base_model():
     model = tiny_llama()
     reference = logits(model, INPUT_IDS)
-    wrapped = inject(model, AfaLoraConfig(rank=4, alpha=8, target_modules=("q_proj", "down_proj")))
+    wrapped = inject(model, AfaLoraConfig(rank=4, alpha=8, target_modules=("q_proj", "down_proj"),
+                                          modules_to_save=()))
     names = sorted(
         name for name, module in model.named_modules() if isinstance(module, AfaLoraLinear)
     )
@@ -131,7 +132,7 @@ def test_afa_lora_at_lambda_zero_equals_lora_with_the_same_weights(activation):
 def test_gradients_reach_only_the_adapters_and_depend_on_lambda():
     def adapter_gradient(lam: float) -> torch.Tensor:
         model = tiny_llama()
-        inject(model, AfaLoraConfig(rank=4, target_modules=("v_proj",)))
+        inject(model, AfaLoraConfig(rank=4, target_modules=("v_proj",), modules_to_save=()))
         randomize_adapters(model, seed=3)
         set_lambda(model, lam)
         model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
@@ -143,6 +144,20 @@ def test_gradients_reach_only_the_adapters_and_depend_on_lambda():
         return model.model.layers[0].self_attn.v_proj.lora_A.weight.grad
 
     assert not torch.allclose(adapter_gradient(1.0), adapter_gradient(0.0))
+
+
+def test_the_norms_are_trained_in_full_by_default_as_modules_to_save():
+    model = tiny_llama()
+    inject(model, AfaLoraConfig(rank=4, target_modules=("v_proj",)))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    norms = {"model.norm.weight"} | {f"model.layers.{i}.{norm}.weight" for i in (0, 1)
+                                     for norm in ("input_layernorm", "post_attention_layernorm")}
+    assert trainable - norms == {f"model.layers.{i}.self_attn.v_proj.lora_{part}.weight"
+                                 for i in (0, 1) for part in "AB"}
+    assert norms <= trainable
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    assert model.model.norm.weight.grad is not None
+    assert model.model.embed_tokens.weight.grad is None
 
 
 @pytest.mark.parametrize(
