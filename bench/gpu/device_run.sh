@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The checks and benchmarks run on a lent GPU (see bench/gpu/README.md for the whole procedure).
+# Runs from the repository root on the device machine, after vLLM 0.24 was installed under
+# /root/site (../shared/gpu-vllm) and the carried models were copied to /root/g. Each stage has
+# its own time limit and its log under $OUT; a failed stage does not stop the next.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 AFA_SERVE_CACHE_DIR=/root/afa-cache
+PROMPTS=/root/g/prompts.jsonl
+
+stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
+  tail -n "${TAIL:-20}" "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+
+stage models 90 python3 bench/gpu/models.py build --carried /root/g --out /root/models
+
+# The embedded torch engine on CUDA (bf16): plain vs speculative, the same prompts.
+TAIL=30 stage torch_bench 80 python3 -m afa_serve bench --target smollm2-135m-instruct \
+  --draft /root/models/draft --prompts "$PROMPTS" --num-prompts 10 --max-tokens 128 -k 4 \
+  --dtype bfloat16 --device cuda --out "$OUT/bench_gpu_torch.json"
+
+# The real-vLLM test module of CI, on vLLM 0.24 on the GPU (float32, as in CI).
+TAIL=40 stage vllm_tests "${VLLM_TESTS_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider \
+  tests/vllm/test_vllm_engine.py
+
+# vLLM's server and afa-serve (vLLM and torch engines), plain and with the draft, side by side.
+TAIL=30 stage side_by_side "${SIDE_BY_SIDE_LIMIT:-200}" python3 bench/side_by_side.py \
+  --target /root/models/target --draft /root/models/draft --prompts "$PROMPTS" \
+  --num-prompts 8 --max-tokens 128 --dtype bfloat16 --vllm-python "$(python3 -c "import sys; print(sys.executable)")" \
+  --configs afa-torch-plain,afa-torch-spec,vllm-spec,afa-vllm-spec,vllm-plain \
+  --out "$OUT/side_by_side_gpu.json"
