@@ -2,16 +2,22 @@
 # The checks and benchmarks run on a lent GPU (see bench/gpu/README.md for the whole procedure).
 # Runs from the repository root on the device machine, after vLLM 0.24 was installed under
 # /root/site (../shared/gpu-vllm) and the carried models were copied to /root/g. Each stage has
-# its own time limit and its log under $OUT; a failed stage does not stop the next.
+# its own time limit and its log under $OUT; a failed stage does not stop the next. STAGES
+# picks some (default: all); a call runs at most 10 minutes, so on a fresh machine run
+# "models torch_bench" and "vllm_tests" and "side_by_side" as separate calls (vLLM's first
+# start there compiles and autotunes: ~3 minutes).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 AFA_SERVE_CACHE_DIR=/root/afa-cache
 PROMPTS=/root/g/prompts.jsonl
 
+STAGES=${STAGES:-models torch_bench vllm_tests side_by_side}
+
 stage() {
   local name=$1 limit=$2 start rc
   shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   start=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
@@ -22,19 +28,23 @@ stage() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 
-stage models 90 python3 bench/gpu/models.py build --carried /root/g --out /root/models
+# gguf imports mistral_common if present, which (as carried, without pycountry) fails with a
+# RuntimeError instead of the ImportError gguf expects: hide it from this one process.
+stage models 120 python3 -c 'import runpy, sys; sys.modules["mistral_common"] = None
+sys.argv[0] = "bench/gpu/models.py"; runpy.run_path(sys.argv[0], run_name="__main__")' \
+  build --carried /root/g --out /root/models
 
 # The embedded torch engine on CUDA (bf16): plain vs speculative, the same prompts.
-TAIL=30 stage torch_bench 80 python3 -m afa_serve bench --target smollm2-135m-instruct \
+TAIL=30 stage torch_bench 200 python3 -m afa_serve bench --target smollm2-135m-instruct \
   --draft /root/models/draft --prompts "$PROMPTS" --num-prompts 10 --max-tokens 128 -k 4 \
   --dtype bfloat16 --device cuda --out "$OUT/bench_gpu_torch.json"
 
 # The real-vLLM test module of CI, on vLLM 0.24 on the GPU (float32, as in CI).
-TAIL=40 stage vllm_tests "${VLLM_TESTS_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider \
+TAIL=40 stage vllm_tests "${VLLM_TESTS_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider \
   tests/vllm/test_vllm_engine.py
 
 # vLLM's server and afa-serve (vLLM and torch engines), plain and with the draft, side by side.
-TAIL=30 stage side_by_side "${SIDE_BY_SIDE_LIMIT:-200}" python3 bench/side_by_side.py \
+TAIL=30 stage side_by_side "${SIDE_BY_SIDE_LIMIT:-540}" python3 bench/side_by_side.py \
   --target /root/models/target --draft /root/models/draft --prompts "$PROMPTS" \
   --num-prompts 8 --max-tokens 128 --dtype bfloat16 --vllm-python "$(python3 -c "import sys; print(sys.executable)")" \
   --configs afa-torch-plain,afa-torch-spec,vllm-spec,afa-vllm-spec,vllm-plain \
