@@ -9,9 +9,10 @@ afa-serve's `Engine` interface, so the same HTTP layer, metrics and dashboards s
   summed into an `EngineStats`. vLLM also registers its own `vllm:*` metrics in
   prometheus_client's default registry; afa-serve's /metrics renders its own registry only.
 - Per-request speculative figures come from vLLM's per-request spec-decode metrics, which vLLM
-  sends with a request's last output only: earlier deltas carry empty counts. Releases without
-  them (before `per_request_spec_decode_metrics`, e.g. 0.24) send none: every delta carries
-  empty counts, while the engine-wide figures are complete on every release.
+  sends with a request's last output only (and not for a request cut by a stop string):
+  deltas without them carry `spec=None`, which responses show as null. Releases without them
+  (before `per_request_spec_decode_metrics`, e.g. 0.24) send none at all, while the
+  engine-wide figures are complete on every release.
 - Admission is this engine's own, as the torch engine's: at most max_num_seqs + max_queue
   requests at once, beyond them QueueFullError (not every vLLM release has an admission limit).
 - Before vLLM starts, the draft is checked against the target (tokenizer vocabularies, output
