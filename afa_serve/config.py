@@ -132,4 +132,6 @@ class ServeConfig(BaseSettings):
 
     def vllm_settings_set(self) -> list[str]:
         """The vLLM-only settings given a value other than their default."""
-        return sorted(name for name in VLLM_SETTINGS if name in self.model_fields_set)
+        fields = type(self).model_fields
+        return sorted(name for name in VLLM_SETTINGS
+                      if getattr(self, name) != fields[name].default)

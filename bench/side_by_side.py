@@ -249,13 +249,16 @@ class Server:
         raise TimeoutError(f"the server was not ready in {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """SIGTERM to the whole group, also when the server exited: its engine processes stay."""
+        try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -555,11 +558,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+REEXEC_ENV = "AFA_SIDE_BY_SIDE_REEXEC"
+
+
 def run_under(python: Path) -> None:
     """Re-run this script under `python` (the vLLM venv's) unless it already runs there."""
     if not python.exists():
         sys.exit(f"error: {python} not found: build it with scripts/setup_vllm_cpu.sh")
-    if Path(sys.prefix).resolve() != python.parent.parent.resolve():
+    if os.environ.get(REEXEC_ENV) is None and \
+            Path(sys.prefix).resolve() != python.parent.parent.resolve():
+        os.environ[REEXEC_ENV] = str(python)  # once: a shim or a link never matches sys.prefix
         os.execv(python, [str(python), *sys.argv])
 
 

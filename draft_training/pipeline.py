@@ -217,7 +217,8 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
 
     data_step = work.step(
         "generate",
-        generate_config.model_dump(mode="json"),
+        # Keyed as before `engine` existed: the mission always generates with torch.
+        generate_config.model_dump(mode="json", exclude={"engine"}),
         generate_config.out,
         generate,
         after=[prompts_step],

@@ -12,6 +12,7 @@ those weights compute what they were trained to compute.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -80,7 +81,11 @@ def read_config(run_dir: Path) -> FitConfig:
     path = config_path(run_dir)
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.json")
-    return FitConfig.model_validate_json(path.read_text())
+    recorded = json.loads(path.read_text())
+    adapter = recorded.get("adapter")
+    if adapter is not None:  # runs recorded before modules_to_save existed trained none
+        adapter.setdefault("modules_to_save", [])
+    return FitConfig.model_validate(recorded)
 
 
 def build_model(config: FitConfig) -> PreTrainedModel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from afa_serve.engine.vllm_support import require_vllm
 from afa_serve.models.resolve import resolve_model
@@ -24,8 +24,9 @@ def end_token_ids(target: str, tokenizer: Any) -> frozenset[int]:
     ids = {tokenizer.eos_token_id} - {None}
     try:
         configured = GenerationConfig.from_pretrained(target).eos_token_id
-    except OSError:  # no generation_config.json
-        configured = None
+    except OSError:  # no generation_config.json: what transformers derives from config.json
+        configured = GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(target)).eos_token_id
     ids.update([configured] if isinstance(configured, int) else configured or [])
     return frozenset(ids)
 
@@ -41,7 +42,9 @@ class VllmGenerator:
         # On CPU vLLM would size its KV cache from host memory (and refuse its GPU default share
         # of it): a fixed cache, ample for a batch of responses, starts beside other engines.
         memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if current_platform.is_cpu() else {}
-        self._llm = LLM(model=target, dtype=config.dtype, seed=config.seed,
+        # "auto" as the torch path resolves it: float32 on CPU (vLLM would take the model's own).
+        dtype = "float32" if config.dtype == "auto" and current_platform.is_cpu() else config.dtype
+        self._llm = LLM(model=target, dtype=dtype, seed=config.seed,
                         max_num_seqs=config.batch_size, **memory)
         self._params = SamplingParams(
             max_tokens=config.max_new_tokens, temperature=config.temperature,

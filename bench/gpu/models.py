@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,6 +62,8 @@ def build(carried: list[Path], out: Path) -> None:
     convert_gguf_to_hf(gguf, out / "target")
     cached = model_folder(MODEL)
     cached.parent.mkdir(parents=True, exist_ok=True)
+    if cached.is_dir() and not cached.is_symlink():
+        shutil.rmtree(cached)
     cached.unlink(missing_ok=True)
     cached.symlink_to((out / "target").resolve())
     (out / "target" / PULL_RECORD).write_text(json.dumps({"name": MODEL, "carried": True}))
