@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, GenerationConfig
 
+from afa_serve.engine.loading import generation_end_ids
 from afa_serve.engine.vllm_support import require_vllm
 from afa_serve.models.resolve import resolve_model
 from draft_training.generate import GenerateConfig
@@ -20,15 +21,12 @@ CPU_KV_CACHE_BYTES = 2 << 30
 
 
 def end_token_ids(target: str, tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's EOS and the generation config's, as the torch path's `eos_token_ids`."""
-    ids = {tokenizer.eos_token_id} - {None}
+    """The torch path's `eos_token_ids`, from the target's generation config alone."""
     try:
-        configured = GenerationConfig.from_pretrained(target).eos_token_id
+        generation_config = GenerationConfig.from_pretrained(target)
     except OSError:  # no generation_config.json: what transformers derives from config.json
-        configured = GenerationConfig.from_model_config(
-            AutoConfig.from_pretrained(target)).eos_token_id
-    ids.update([configured] if isinstance(configured, int) else configured or [])
-    return frozenset(ids)
+        generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(target))
+    return generation_end_ids(generation_config, tokenizer)
 
 
 class VllmGenerator:

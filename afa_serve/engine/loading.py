@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from afa_serve.models.resolve import resolve_model
@@ -42,10 +42,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every token that ends generation: the tokenizer's EOS and the generation config's."""
+    return generation_end_ids(model.generation_config, tokenizer)
+
+
+def generation_end_ids(
+    generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase
+) -> frozenset[int]:
+    """`eos_token_ids` for a generation config without its model (vLLM loads its own)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
