@@ -36,10 +36,13 @@ def build_engine(config: ServeConfig) -> Engine:
             from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
         except ImportError as error:
             raise SystemExit(f"error: {error}") from None
+        if ignored := config.ignored_settings("vllm"):
+            logger.warning("the vLLM engine ignores the torch-only settings %s",
+                           ", ".join(ignored))
         return VllmEngine(VllmEngineConfig(**config.engine_settings("vllm")))
     from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
 
-    if ignored := config.vllm_settings_set():
+    if ignored := config.ignored_settings("torch"):
         logger.warning("the torch engine ignores the vLLM-only settings %s", ", ".join(ignored))
     return TorchEngine(TorchEngineConfig(**config.engine_settings("torch")))
 
@@ -70,7 +73,18 @@ def serve(
         help="Draft model (same tokenizer as the target); none decodes plainly.",
         show_default=False)] = None,
     num_speculative_tokens: Annotated[int | None, typer.Option(
-        "--num-speculative-tokens", "-k", help="Draft tokens per step (default: 4).",
+        "--num-speculative-tokens", "-k", help="The most draft tokens per step (default: 4).",
+        show_default=False)] = None,
+    speculation: Annotated[str | None, typer.Option(
+        help="Torch engine: adaptive | fixed | off (default: adaptive: each step's k, 0 "
+             "included, from measured draft/verify costs and live acceptance).",
+        show_default=False)] = None,
+    confidence_threshold: Annotated[float | None, typer.Option(
+        help="Torch engine: the draft stops proposing when its pick's probability is below "
+             "this (default: 0.3; 0: never).", show_default=False)] = None,
+    draft_vocab_size: Annotated[int | None, typer.Option(
+        help="Torch engine: the draft's head scores only the N most frequent tokens listed in "
+             "the draft's draft_vocab.json (default: 8192; 0: the whole vocabulary).",
         show_default=False)] = None,
     engine: Annotated[str | None, typer.Option(
         help="auto | torch | vllm (default: auto: vLLM when it imports, else torch).",

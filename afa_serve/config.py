@@ -23,6 +23,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from afa_serve.api.state import DEFAULT_MAX_BODY_BYTES, ApiOptions
+from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE
+from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD, SpeculationMode
 
 ENV_PREFIX = "AFA_SERVE_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
@@ -71,6 +73,7 @@ COMMON_ENGINE_SETTINGS = {
 VLLM_SETTINGS = {
     "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager",
 }
+TORCH_SETTINGS = {"speculation", "confidence_threshold", "draft_vocab_size"}
 
 
 class ServeConfig(BaseSettings):
@@ -79,7 +82,17 @@ class ServeConfig(BaseSettings):
     config: Path | None = Field(None, description="YAML or JSON file with more settings.")
     target: str = Field(DEFAULT_MODEL, description="Target model: HF id, folder or packaged name.")
     draft: str | None = Field(None, description="Draft model; none decodes plainly.")
-    num_speculative_tokens: int = Field(4, ge=0, le=32, description="k: draft tokens per step.")
+    num_speculative_tokens: int = Field(
+        4, ge=0, le=32, description="k: the most draft tokens per step.")
+    speculation: SpeculationMode = Field(
+        "adaptive", description="torch engine: adaptive (k per step from measured costs and "
+        "acceptance, 0 when drafting would lose), fixed (always k) or off.")
+    confidence_threshold: float = Field(
+        DEFAULT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0,
+        description="torch engine: the draft stops when its pick's probability is below this.")
+    draft_vocab_size: int = Field(
+        DEFAULT_DRAFT_VOCAB_SIZE, ge=0, description="torch engine: the draft's head scores the "
+        "N most frequent tokens of its draft_vocab.json (0: the whole vocabulary).")
     engine: Literal["auto", "torch", "vllm"] = Field(
         "auto", description="auto: vLLM when it imports, else the embedded torch engine."
     )
@@ -126,12 +139,12 @@ class ServeConfig(BaseSettings):
         )
 
     def engine_settings(self, engine: Literal["torch", "vllm"]) -> dict[str, Any]:
-        """What `engine`'s config takes: the common settings, plus VLLM_SETTINGS for vLLM."""
-        return self.model_dump(include=COMMON_ENGINE_SETTINGS | (
-            VLLM_SETTINGS if engine == "vllm" else set()))
+        """What `engine`'s config takes: the common settings and the engine's own."""
+        own = VLLM_SETTINGS if engine == "vllm" else TORCH_SETTINGS
+        return self.model_dump(include=COMMON_ENGINE_SETTINGS | own)
 
-    def vllm_settings_set(self) -> list[str]:
-        """The vLLM-only settings given a value other than their default."""
+    def ignored_settings(self, engine: Literal["torch", "vllm"]) -> list[str]:
+        """The other engine's settings given a value other than their default."""
         fields = type(self).model_fields
-        return sorted(name for name in VLLM_SETTINGS
-                      if getattr(self, name) != fields[name].default)
+        other = TORCH_SETTINGS if engine == "vllm" else VLLM_SETTINGS
+        return sorted(name for name in other if getattr(self, name) != fields[name].default)

@@ -13,6 +13,10 @@ Each metric has the label `model_name` (the served name). Three kinds of sources
     afa_serve_generation_tokens_total               output tokens generated
     afa_serve_num_requests_running                  gauge: requests being decoded
     afa_serve_num_requests_waiting                  gauge: requests queued
+    afa_serve_spec_decode_num_drafted_tokens        histogram: tokens drafted per step (0 .. k;
+                                                    0 = plain), torch engine
+    afa_serve_spec_decode_draft_cost_ratio          gauge: measured c, torch engine
+    afa_serve_spec_decode_verify_cost_ratio         gauge: measured v(k + 1), torch engine
 - What the HTTP layer sees (`ServerMetrics`):
     afa_serve_requests_total{endpoint,status}          API requests answered, by status code
     afa_serve_time_to_first_token_seconds              arrival -> first output token
@@ -43,7 +47,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from afa_serve.engine.base import Delta, Engine
@@ -101,10 +110,39 @@ class EngineCollector(Collector):
             count = accepted[position] if position < len(accepted) else 0
             per_position.add_metric([self._model_name, str(position)], count)
         yield per_position
+        if spec.steps_by_draft_length:
+            yield self._draft_lengths(spec.steps_by_draft_length)
+        if stats.draft_cost_ratio is not None:
+            yield gauge("spec_decode_draft_cost_ratio",
+                        "c: one draft forward over one plain target step, as measured.",
+                        stats.draft_cost_ratio)
+        if stats.verify_cost_ratio is not None:
+            yield gauge("spec_decode_verify_cost_ratio",
+                        "v: a target pass over k + 1 tokens over a one-token pass, as measured.",
+                        stats.verify_cost_ratio)
         yield counter("prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens)
         yield counter("generation_tokens", "Output tokens generated.", stats.generation_tokens)
         yield gauge("num_requests_running", "Requests being decoded.", stats.num_running)
         yield gauge("num_requests_waiting", "Requests waiting in the queue.", stats.num_waiting)
+
+
+    def _draft_lengths(self, steps_by_length: list[int]) -> HistogramMetricFamily:
+        """Decoding steps by the tokens they drafted: buckets le = 0 .. k (0: plain steps)."""
+        counts = steps_by_length + [0] * (self._k + 1 - len(steps_by_length))
+        buckets, cumulative = [], 0
+        for length, count in enumerate(counts):
+            cumulative += count
+            buckets.append((str(length), cumulative))
+        buckets.append(("+Inf", cumulative))
+        family = HistogramMetricFamily(
+            f"{PREFIX}_spec_decode_num_drafted_tokens",
+            "Tokens drafted per decoding step: the k the speculation policy chose, cut short "
+            "where the draft was unsure (0: a plain step).",
+            labels=[MODEL_LABEL],
+        )
+        family.add_metric([self._model_name], buckets,
+                          sum(n * count for n, count in enumerate(counts)))
+        return family
 
 
 class RequestObserver:
@@ -173,6 +211,7 @@ class ServerMetrics:
                  "draft": info.draft or "",
                  "num_speculative_tokens": str(info.num_speculative_tokens),
                  "engine": info.engine,
+                 "speculation": info.speculation,
                  "dtype": info.dtype,
                  "device": info.device,
              })

@@ -4,6 +4,10 @@ The adapter folds into the dense weights (W0 + s·B·A), which is exact only onc
 run stopped before the end of annealing is refused. The saved folder is loaded back and its
 logits compared with the unmerged model's on samples of the run's data: the report's
 `max_abs_logit_diff` must be at float rounding level.
+
+Beside the weights goes `draft_vocab.json` (`afa_serve.engine.draft_vocab`): the target tokens
+of the run's training responses by frequency, from which the torch engine trims the draft's
+head. The checkpoint itself keeps the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import merge
-from draft_training.atomic import atomic_directory
+from draft_training.atomic import atomic_directory, recover_jsonl
 from draft_training.examples import collate, load_examples
 from draft_training.run import Method, read_config, trained_model
 
@@ -56,6 +61,8 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
     with atomic_directory(out, overwrite=overwrite) as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        write_draft_vocab(folder, count_tokens(
+            record["response_token_ids"] for record in recover_jsonl(config.data)))
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             merged_logits = merged(

@@ -34,14 +34,17 @@ def tiny_engine(
     max_model_len: int = 192,
     max_num_seqs: int = 4,
     max_queue: int = 16,
+    speculation: str = "fixed",
 ) -> TorchEngine:
+    """Drafts every step by default (random draft, no confidence stop): the API's figures are
+    then never trivially zero."""
     target = tiny_llama(vocab_size=len(tokenizer), layers=2, seed=0)
     target.config.max_position_embeddings = max_model_len  # RoPE itself has no limit
     draft = truncated_copy(target, 1) if k else None
     config = TorchEngineConfig(
         target=TINY, draft=f"{TINY}-draft" if k else None, num_speculative_tokens=k,
         served_model_name=TINY, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-        max_queue=max_queue,
+        max_queue=max_queue, speculation=speculation, confidence_threshold=0.0,
     )
     return TorchEngine.from_models(target, tokenizer, draft, config=config)
 

@@ -24,11 +24,12 @@ CONTRACT = {
         "afa_serve_time_to_first_token_seconds",
         "afa_serve_request_time_per_output_token_seconds",
         "afa_serve_inter_token_latency_seconds", "afa_serve_e2e_request_latency_seconds",
-        "afa_serve_request_queue_time_seconds",
+        "afa_serve_request_queue_time_seconds", "afa_serve_spec_decode_num_drafted_tokens",
     ],
     # The info metric reads as a gauge (value 1) in Prometheus' text format.
     "gauge": ["afa_serve_num_requests_running", "afa_serve_num_requests_waiting",
-              "afa_serve_model_info"],
+              "afa_serve_model_info", "afa_serve_spec_decode_draft_cost_ratio",
+              "afa_serve_spec_decode_verify_cost_ratio"],
 }
 
 
@@ -51,8 +52,8 @@ def test_every_contract_metric_is_exported_with_model_name(server):
     assert positions == {"0", "1", "2"}
     info = families["afa_serve_model_info"].samples[0].labels
     assert info == {"model_name": TINY, "target": TINY, "draft": f"{TINY}-draft",
-                    "num_speculative_tokens": "3", "engine": "torch", "dtype": "float32",
-                    "device": "cpu"}
+                    "num_speculative_tokens": "3", "engine": "torch", "speculation": "fixed",
+                    "dtype": "float32", "device": "cpu"}
 
 
 def test_counters_move_by_exactly_what_the_responses_report(server):
@@ -90,6 +91,11 @@ def test_counters_move_by_exactly_what_the_responses_report(server):
         assert moved("afa_serve_spec_decode_accepted_tokens_per_pos_total",
                      position=str(position)) == sum(
             s["num_accepted_tokens_per_pos"][position] for s in spec)
+    assert moved("afa_serve_spec_decode_num_drafted_tokens_count") == sum(
+        sum(s["draft_length_histogram"]) for s in spec)
+    assert moved("afa_serve_spec_decode_num_drafted_tokens_sum") == sum(
+        s["num_draft_tokens"] for s in spec)
+    assert all(s["draft_cost_ratio"] > 0 and s["verify_cost_ratio"] > 0 for s in spec)
     assert moved("afa_serve_generation_tokens_total") == sum(
         u.completion_tokens for u, _, _ in reported)
     # A prompt with n choices is prefilled n times; its usage counts it once, as OpenAI's does.

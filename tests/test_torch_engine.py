@@ -21,12 +21,15 @@ from tests.conftest import tiny_llama, tiny_tokenizer
 GREEDY = SamplingSettings(temperature=0.0)
 
 
-def make_engine(draft=True, k=3, **config) -> TorchEngine:
+def make_engine(draft=True, k=3, speculation="fixed", confidence_threshold=0.0,
+                **config) -> TorchEngine:
+    """A tiny engine that drafts every step by default, to exercise the speculative path."""
     target = tiny_llama(layers=2, seed=0)
     draft_model = tiny_llama(layers=1, seed=1) if draft else None
     return TorchEngine.from_models(
         target, tiny_tokenizer(), draft_model,
-        TorchEngineConfig(target="tiny", num_speculative_tokens=k, **config),
+        TorchEngineConfig(target="tiny", num_speculative_tokens=k, speculation=speculation,
+                          confidence_threshold=confidence_threshold, **config),
     )
 
 

@@ -131,6 +131,11 @@ def speculative_metrics(deltas: list[Delta], k: int) -> SpeculativeDecodingMetri
         num_draft_tokens=spec.num_draft_tokens,
         num_spec_tokens=k,
         num_accepted_tokens_per_pos=(spec.accepted_per_position + [0] * k)[:k],
+        draft_length_histogram=(
+            (spec.steps_by_draft_length + [0] * (k + 1))[: k + 1]
+            if spec.steps_by_draft_length else None),
+        draft_cost_ratio=deltas[-1].draft_cost_ratio if deltas else None,
+        verify_cost_ratio=deltas[-1].verify_cost_ratio if deltas else None,
     )
 
 

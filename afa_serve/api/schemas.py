@@ -243,9 +243,17 @@ class SpeculativeDecodingMetrics(BaseModel):
     num_drafts: int = Field(description="The same as num_spec_steps.")
     num_accepted_draft_tokens: int
     num_draft_tokens: int
-    num_spec_tokens: int = Field(description="k: draft tokens proposed per step.")
+    num_spec_tokens: int = Field(description="k: the most draft tokens proposed per step.")
     num_accepted_tokens_per_pos: list[int] = Field(
         description="Entry i: steps whose draft token at position i was accepted.")
+    draft_length_histogram: list[int] | None = Field(
+        description="Entry n: steps that drafted n tokens (0: plain steps, where the adaptive "
+                    "policy or the draft's confidence chose not to draft); null where the "
+                    "engine does not report it.")
+    draft_cost_ratio: float | None = Field(
+        description="c: a draft forward over a plain target step, as the engine measures it.")
+    verify_cost_ratio: float | None = Field(
+        description="v: a target pass over k + 1 tokens over a one-token pass, as measured.")
 
 
 class ResponseMetrics(BaseModel):

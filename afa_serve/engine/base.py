@@ -77,9 +77,13 @@ class SpecDecodeCounts:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    # steps by how many tokens they drafted: [n] = steps that drafted n (0: plain steps);
+    # empty where the engine does not report it (vLLM)
+    steps_by_draft_length: list[int] = field(default_factory=list)
 
     def add_step(self, num_draft_tokens: int, num_accepted: int) -> None:
         """Record one draft/verify step: `num_draft_tokens` proposed, the first `num_accepted` kept."""
+        _add_at(self.steps_by_draft_length, num_draft_tokens, 1)
         if num_draft_tokens == 0:
             return
         self.num_drafts += 1
@@ -102,6 +106,8 @@ class SpecDecodeCounts:
             )
         for position, count in enumerate(other.accepted_per_position):
             self.accepted_per_position[position] += count
+        for length, count in enumerate(other.steps_by_draft_length):
+            _add_at(self.steps_by_draft_length, length, count)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -122,7 +128,14 @@ class SpecDecodeCounts:
             self.num_draft_tokens,
             self.num_accepted_tokens,
             list(self.accepted_per_position),
+            list(self.steps_by_draft_length),
         )
+
+
+def _add_at(counts: list[int], index: int, amount: int) -> None:
+    if len(counts) <= index:
+        counts.extend([0] * (index + 1 - len(counts)))
+    counts[index] += amount
 
 
 @dataclass
@@ -159,6 +172,9 @@ class Delta:
     spec: SpecDecodeCounts | None
     timings: RequestTimings
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    # the engine's measured costs when the delta was made (None where it does not measure)
+    draft_cost_ratio: float | None = None
+    verify_cost_ratio: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -174,6 +190,10 @@ class EngineStats:
     generation_tokens: int = 0
     num_running: int = 0
     num_waiting: int = 0
+    # measured costs, where the engine measures them: c (a draft forward over a plain target
+    # step) and v (a target pass over k + 1 tokens over a one-token pass)
+    draft_cost_ratio: float | None = None
+    verify_cost_ratio: float | None = None
 
     def snapshot(self) -> EngineStats:
         return EngineStats(
@@ -182,6 +202,8 @@ class EngineStats:
             self.generation_tokens,
             self.num_running,
             self.num_waiting,
+            self.draft_cost_ratio,
+            self.verify_cost_ratio,
         )
 
 
@@ -197,6 +219,7 @@ class ModelInfo:
     engine: str  # "torch" or "vllm"
     dtype: str
     device: str
+    speculation: str = "fixed"  # how each step's k is chosen: adaptive, fixed or off
 
 
 @runtime_checkable

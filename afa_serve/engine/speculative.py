@@ -11,17 +11,34 @@ One step:
 With k = 0 (no draft) a step is a plain decoding step of the target alone.
 The step is the same for the first token: prefill leaves the prompt's last
 token pending, so time to first token is prefill plus one step.
+
+Three things make a step cheaper than a fixed-k one, none of which can change the output:
+- `policy.py` chooses each step's k (0 = plain) from measured costs and live acceptance;
+- the draft stops proposing when its probability for its own pick falls below
+  `confidence_threshold` (a decision on the draft's own numbers only);
+- with a `draft_vocab`, the draft's head computes logits over those token ids only and its
+  picks are mapped back to target ids; a token outside the set is never proposed, and the
+  draft's distribution is zero there, so rejection sampling stays exact.
+The draft is lazy: it catches up on the tokens it has not seen only when a step drafts, so
+plain steps cost the target's forward alone.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from afa_serve.engine.base import SpecDecodeCounts
-from afa_serve.engine.verify import SamplingSettings, choose_token, verify
+from afa_serve.engine.policy import RequestSpeculation, SpeculationMode, SpeculationPolicy
+from afa_serve.engine.verify import SamplingSettings, probabilities, sample, verify
+
+CALIBRATION_CONTEXT = 64  # tokens of context the start-up timings run on
+CALIBRATION_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,7 @@ class SequenceState:
     target_cache: DynamicCache
     draft_cache: DynamicCache | None
     spec: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
+    speculation: RequestSpeculation = field(default_factory=RequestSpeculation)
 
     @property
     def num_generated(self) -> int:
@@ -67,19 +85,45 @@ def _forward(
 
 
 class SpeculativeDecoder:
-    """Stateless over sequences: holds the models, acts on `SequenceState`s."""
+    """Stateless over sequences: holds the models and the speculation policy, acts on
+    `SequenceState`s.
+
+    `num_speculative_tokens` is k, the most tokens a step drafts; `speculation` says how each
+    step's k is chosen (`fixed`: always k; `adaptive`: by `policy.py`; `off`: never draft).
+    """
 
     def __init__(
         self,
         target: PreTrainedModel,
         draft: PreTrainedModel | None = None,
         num_speculative_tokens: int = 0,
+        *,
+        speculation: SpeculationMode = "fixed",
+        confidence_threshold: float = 0.0,
+        draft_vocab: Sequence[int] | None = None,
     ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ValueError("confidence_threshold must lie in [0, 1)")
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
         self.num_speculative_tokens = num_speculative_tokens if draft is not None else 0
+        self.policy = SpeculationPolicy(speculation, self.num_speculative_tokens)
+        self.confidence_threshold = confidence_threshold
+        self._vocab_size = target.get_output_embeddings().weight.shape[0]
+        self._draft_ids: torch.Tensor | None = None
+        self._draft_head: torch.Tensor | None = None
+        if draft is not None and draft_vocab is not None:
+            self._draft_ids = torch.tensor(list(draft_vocab), dtype=torch.long,
+                                           device=draft.device)
+            weight = draft.get_output_embeddings().weight.detach()
+            self._draft_head = weight.index_select(0, self._draft_ids).contiguous()
+
+    @property
+    def draft_vocab_size(self) -> int | None:
+        """How many token ids the draft's head scores (None: the whole vocabulary)."""
+        return None if self._draft_ids is None else len(self._draft_ids)
 
     @torch.inference_mode()
     def prefill(
@@ -88,7 +132,7 @@ class SpeculativeDecoder:
         settings: SamplingSettings,
         seed: int | None = None,
     ) -> SequenceState:
-        """Cache the prompt in the target (all but its last token) and in the draft."""
+        """Cache the prompt in the target (all but its last token); the draft catches up later."""
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
         generator = None
@@ -115,39 +159,109 @@ class SpeculativeDecoder:
         """Advance `state` by 1 .. k + 1 tokens, never more than `max_new_tokens`."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        k = min(self.num_speculative_tokens, max_new_tokens - 1)
-        drafted, draft_probs = self._propose(state, k)
+        k = min(self.policy.choose(state.speculation), max_new_tokens - 1)
+        started = time.perf_counter()
+        drafted, draft_probs, num_forwards = self._propose(state, k)
+        proposed = time.perf_counter()
 
         known = len(state.token_ids)
         target_logits = _forward(
-            self.target, state.target_cache, [state.token_ids[-1], *drafted], logits_to_keep=k + 1
+            self.target, state.target_cache, [state.token_ids[-1], *drafted],
+            logits_to_keep=len(drafted) + 1,
         )
         result = verify(drafted, draft_probs, target_logits, state.settings, state.generator)
+        self.policy.costs.observe_target(len(drafted) + 1, time.perf_counter() - proposed)
+        self.policy.costs.observe_draft(num_forwards, proposed - started)
+        self.policy.record(state.speculation, k, len(drafted), result.num_accepted)
 
         new_tokens = drafted[: result.num_accepted] + [result.next_token]
         state.token_ids.extend(new_tokens)
-        state.spec.add_step(k, result.num_accepted)
+        state.spec.add_step(len(drafted), result.num_accepted)
         _truncate(state.target_cache, known + result.num_accepted)
         if state.draft_cache is not None:
             _truncate(state.draft_cache, known + result.num_accepted)
-        return StepResult(new_tokens, k, result.num_accepted)
+        return StepResult(new_tokens, len(drafted), result.num_accepted)
 
-    def _propose(self, state: SequenceState, k: int) -> tuple[list[int], torch.Tensor | None]:
-        """Let the draft catch up with the sequence and propose k tokens."""
+    def _draft_logits(self, cache: DynamicCache, token_ids: list[int]) -> torch.Tensor:
+        """The draft's logits for the token after `token_ids`: over `draft_vocab` when set."""
+        assert self.draft is not None
+        if self._draft_head is None:
+            return _forward(self.draft, cache, token_ids, logits_to_keep=1)[-1]
+        input_ids = torch.tensor([token_ids], device=self.draft.device)
+        hidden = self.draft.base_model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True
+        ).last_hidden_state[0, -1]
+        return hidden @ self._draft_head.T
+
+    def _propose(
+        self, state: SequenceState, k: int
+    ) -> tuple[list[int], torch.Tensor | None, int]:
+        """Let the draft catch up with the sequence and propose up to k tokens, stopping when
+        it is unsure of its pick. Returns the tokens (target ids), the distributions they were
+        drawn from (sampling only, over the whole vocabulary) and the draft forwards run."""
         if k == 0:
-            return [], None
-        assert self.draft is not None and state.draft_cache is not None
+            return [], None, 0
+        assert state.draft_cache is not None
+        settings = state.settings
         pending = state.token_ids[state.draft_cache.get_seq_length() :]
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
-        for _ in range(k):
-            logits = _forward(self.draft, state.draft_cache, pending, logits_to_keep=1)[-1]
-            token, token_probs = choose_token(logits, state.settings, state.generator)
+        for forwards in range(1, k + 1):
+            logits = self._draft_logits(state.draft_cache, pending)
+            if settings.greedy:
+                index = int(logits.argmax().item())
+                token_probs = None
+                if self.confidence_threshold > 0.0:
+                    confidence = float(logits.float().softmax(-1)[index])
+            else:
+                token_probs = probabilities(logits, settings)
+                index = sample(token_probs, state.generator)
+                confidence = float(token_probs.max())
+            if self.confidence_threshold > 0.0 and confidence < self.confidence_threshold:
+                return drafted, _stacked(probs), forwards
+            token = index if self._draft_ids is None else int(self._draft_ids[index])
             drafted.append(token)
             if token_probs is not None:
-                probs.append(token_probs)
+                probs.append(self._full_vocab(token_probs))
             pending = [token]
-        return drafted, torch.stack(probs) if probs else None
+        return drafted, _stacked(probs), k
+
+    def _full_vocab(self, probs: torch.Tensor) -> torch.Tensor:
+        """A distribution over the draft's trimmed vocabulary, spread over the target's."""
+        if self._draft_ids is None:
+            return probs
+        full = torch.zeros(self._vocab_size, dtype=probs.dtype, device=probs.device)
+        return full.index_copy_(0, self._draft_ids, probs)
+
+    @torch.inference_mode()
+    def calibrate(self) -> None:
+        """Time target passes of 1 .. k + 1 tokens and one draft forward on a short random
+        context (medians of a few runs): the policy's costs until live steps refine them."""
+        if self.draft is None or self.num_speculative_tokens == 0:
+            return
+        generator = torch.Generator().manual_seed(0)
+        context = torch.randint(self._vocab_size, (CALIBRATION_CONTEXT,),
+                                generator=generator).tolist()
+
+        def median_seconds(model: PreTrainedModel, run) -> float:
+            cache = DynamicCache(config=model.config)
+            _forward(model, cache, context, logits_to_keep=1)
+            times = []
+            for _ in range(CALIBRATION_REPEATS):
+                started = time.perf_counter()
+                run(cache)
+                times.append(time.perf_counter() - started)
+                _truncate(cache, len(context))
+            return statistics.median(times)
+
+        extra = context[: self.num_speculative_tokens + 1]
+        self.policy.costs.target_pass_s = [
+            median_seconds(self.target, lambda cache, n=n: _forward(
+                self.target, cache, extra[:n], logits_to_keep=n).argmax(-1).tolist())
+            for n in range(1, self.num_speculative_tokens + 2)
+        ]
+        self.policy.costs.draft_forward_s = median_seconds(
+            self.draft, lambda cache: int(self._draft_logits(cache, extra[:1]).argmax().item()))
 
     def generate(
         self,
@@ -166,3 +280,7 @@ class SpeculativeDecoder:
                 del state.token_ids[len(state.token_ids) - len(new_tokens) + eos_at + 1 :]
                 break
         return state
+
+
+def _stacked(probs: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(probs) if probs else None

@@ -30,6 +30,7 @@ from afa_serve.engine.base import (
     QueueFullError,
     RequestTimings,
 )
+from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, DraftVocab, read_draft_vocab
 from afa_serve.engine.loading import (
     DTypeName,
     check_draft_compatible,
@@ -41,8 +42,10 @@ from afa_serve.engine.loading import (
     resolve_dtype,
 )
 from afa_serve.engine.output import OutputAssembler
+from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD, SpeculationMode
 from afa_serve.engine.speculative import SequenceState, SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
+from afa_serve.models.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class TorchEngineConfig(BaseModel):
     target: str = Field(description="HF id, local folder or packaged name of the target model")
     draft: str | None = Field(None, description="the draft model; None decodes plainly")
     num_speculative_tokens: int = Field(4, ge=0, le=32)
+    speculation: SpeculationMode = "adaptive"
+    confidence_threshold: float = Field(DEFAULT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0)
+    draft_vocab_size: int = Field(DEFAULT_DRAFT_VOCAB_SIZE, ge=0)
     served_model_name: str | None = None
     dtype: DTypeName = "auto"
     device: str = "auto"
@@ -106,11 +112,12 @@ class TorchEngine:
         draft: PreTrainedModel | None = None,
         config: TorchEngineConfig | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | None = None,
+        draft_vocab: DraftVocab | None = None,
     ) -> TorchEngine:
         """An engine over models already in memory (tests, notebooks, the trainer's eval)."""
         config = config or TorchEngineConfig(target=target.name_or_path or "target")
         engine = cls(config)
-        engine._adopt(target, tokenizer, draft, draft_tokenizer or tokenizer)
+        engine._adopt(target, tokenizer, draft, draft_tokenizer or tokenizer, draft_vocab)
         return engine
 
     # -- the Engine interface --------------------------------------------------------------
@@ -131,6 +138,7 @@ class TorchEngine:
         if self._decoder is None:
             await asyncio.to_thread(self._load)
         if self._thread is None:
+            await asyncio.to_thread(self._decoder.calibrate)
             self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
             self._thread.start()
 
@@ -161,7 +169,12 @@ class TorchEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return self._stats.snapshot()
+            stats = self._stats.snapshot()
+        if self._decoder is not None:
+            costs = self._decoder.policy.costs
+            stats.draft_cost_ratio = costs.draft_cost_ratio
+            stats.verify_cost_ratio = costs.verify_cost_ratio(self.info.num_speculative_tokens + 1)
+        return stats
 
     async def shutdown(self) -> None:
         with self._lock:
@@ -181,12 +194,13 @@ class TorchEngine:
         logger.info("loading target %s (%s on %s)", self.config.target, dtype, device)
         target = load_model(self.config.target, dtype, device)
         tokenizer = load_tokenizer(self.config.target)
-        draft = draft_tokenizer = None
+        draft = draft_tokenizer = draft_vocab = None
         if self.config.draft is not None and self.config.num_speculative_tokens > 0:
             logger.info("loading draft %s", self.config.draft)
             draft = load_model(self.config.draft, dtype, device)
             draft_tokenizer = load_tokenizer(self.config.draft)
-        self._adopt(target, tokenizer, draft, draft_tokenizer)
+            draft_vocab = read_draft_vocab(resolve_model(self.config.draft))
+        self._adopt(target, tokenizer, draft, draft_tokenizer, draft_vocab)
 
     def _adopt(
         self,
@@ -194,13 +208,24 @@ class TorchEngine:
         tokenizer: PreTrainedTokenizerBase,
         draft: PreTrainedModel | None,
         draft_tokenizer: PreTrainedTokenizerBase | None,
+        draft_vocab: DraftVocab | None = None,
     ) -> None:
         if draft is not None:
             check_draft_compatible(target, tokenizer, draft, draft_tokenizer or tokenizer)
         k = self.config.num_speculative_tokens if draft is not None else 0
-        self._decoder = SpeculativeDecoder(target, draft, k)
-        self._tokenizer = tokenizer
         self._eos_ids = eos_token_ids(target, tokenizer)
+        head_ids = None
+        if draft_vocab is not None and self.config.draft_vocab_size > 0:
+            head_ids = draft_vocab.head_ids(self.config.draft_vocab_size, self._eos_ids)
+            logger.info("draft head trimmed to %d tokens (%.1f%% of its training tokens)",
+                        len(head_ids), 100 * draft_vocab.coverage(self.config.draft_vocab_size))
+        self._decoder = SpeculativeDecoder(
+            target, draft, k,
+            speculation=self.config.speculation,
+            confidence_threshold=self.config.confidence_threshold,
+            draft_vocab=head_ids,
+        )
+        self._tokenizer = tokenizer
         context = max_context_length(target)
         max_model_len = min(self.config.max_model_len or context, context)
         self._info = ModelInfo(
@@ -212,6 +237,7 @@ class TorchEngine:
             engine="torch",
             dtype=str(target.dtype).removeprefix("torch."),
             device=str(target.device),
+            speculation=self._decoder.policy.mode,
         )
 
     # -- admission ---------------------------------------------------------------------------
@@ -357,4 +383,7 @@ class TorchEngine:
             spec=state.spec.copy(),
             timings=sequence.timings,
             stop_reason=update.stop_reason,
+            draft_cost_ratio=decoder.policy.costs.draft_cost_ratio,
+            verify_cost_ratio=decoder.policy.costs.verify_cost_ratio(
+                decoder.num_speculative_tokens + 1),
         )

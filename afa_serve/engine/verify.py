@@ -60,16 +60,6 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def choose_token(
-    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
-) -> tuple[int, torch.Tensor | None]:
-    """The draft's pick from 1-D `logits`: argmax when greedy, else a sample and its distribution."""
-    if settings.greedy:
-        return int(logits.argmax().item()), None
-    probs = probabilities(logits, settings)
-    return sample(probs, generator), probs
-
-
 def verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> VerifyResult:
     """Accept the longest prefix of `draft_tokens` that matches the target's argmax.
 
