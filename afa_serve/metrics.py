@@ -34,6 +34,7 @@ Process metrics (process_*) come from prometheus_client's ProcessCollector.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -79,6 +80,8 @@ class EngineCollector(Collector):
         self._engine = engine
         self._model_name = model_name
         self._k = num_speculative_tokens
+        # the torch engine measures its steps' draft lengths and costs; vLLM's does not say
+        self._measures_steps = engine.info.engine == "torch"
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats()
@@ -110,16 +113,14 @@ class EngineCollector(Collector):
             count = accepted[position] if position < len(accepted) else 0
             per_position.add_metric([self._model_name, str(position)], count)
         yield per_position
-        if spec.steps_by_draft_length:
+        if self._measures_steps:  # NaN until the engine has measured
             yield self._draft_lengths(spec.steps_by_draft_length)
-        if stats.draft_cost_ratio is not None:
             yield gauge("spec_decode_draft_cost_ratio",
                         "c: one draft forward over one plain target step, as measured.",
-                        stats.draft_cost_ratio)
-        if stats.verify_cost_ratio is not None:
+                        math.nan if stats.draft_cost_ratio is None else stats.draft_cost_ratio)
             yield gauge("spec_decode_verify_cost_ratio",
                         "v: a target pass over k + 1 tokens over a one-token pass, as measured.",
-                        stats.verify_cost_ratio)
+                        math.nan if stats.verify_cost_ratio is None else stats.verify_cost_ratio)
         yield counter("prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens)
         yield counter("generation_tokens", "Output tokens generated.", stats.generation_tokens)
         yield gauge("num_requests_running", "Requests being decoded.", stats.num_running)

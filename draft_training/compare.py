@@ -226,7 +226,8 @@ class Comparison:
             json.loads(report_path.read_text()),
             fitted.seconds if fitted else None,
             _count_parameters(final_path(run_dir)) if run_dir else None,
-            recover_jsonl(metrics_path(run_dir)) if run_dir else [],
+            [record for record in recover_jsonl(metrics_path(run_dir)) if "kind" not in record]
+            if run_dir else [],
         )
 
 

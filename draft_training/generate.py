@@ -1,24 +1,39 @@
 """generate: the target's own responses to a prompt set, the data a draft learns to predict.
 
 Batched, greedy unless a temperature is given, by one of two engines behind one call
-(a batch of prompt token ids in, their new tokens out): Hugging Face `generate` with left
-padding (`HfGenerator`, the default) or vLLM's offline `LLM.generate` (`--engine vllm`,
-`vllm_generate.py`). Resumable: the JSONL output gains one durable append (flush + fsync) per
-finished batch, and a rerun skips the prompt ids already there. Prompts are sorted by length
-so that a batch pads little.
+(a batch of prompt token ids in, their new tokens and optionally their top-k log-probabilities
+out): Hugging Face `generate` with left padding (`HfGenerator`, the default) or vLLM's offline
+`LLM.generate` (`--engine vllm`, `vllm_generate.py`). Resumable: the JSONL output gains one
+durable append (flush + fsync) per finished batch, and a rerun skips the prompt ids already
+there. Prompts are sorted by length so that a batch pads little.
+
+With `top_k_logprobs` K > 0 (the default, 20) each batch also writes one shard of the target's
+top-K log_softmax of its raw logits (temperature 1, no processing) at every response position
+into `topk_store.topk_dir(out)` -- before the batch's records, which point into it with
+`"topk": {"shard", "offset", "k"}` (format: `topk_store.py`). A rerun must keep the same K.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import GenerationConfig
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import AttentionInterface, GenerationConfig
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from afa_serve.engine.loading import (
     DeviceName,
@@ -31,6 +46,10 @@ from afa_serve.engine.loading import (
 )
 from afa_serve.prompts import load_prompts, prompt_token_ids
 from draft_training.atomic import append_jsonl, recover_jsonl
+from draft_training.topk_store import topk_dir, write_shard
+
+# Measured on SmolLM2-135M, 2 CPU cores, max_new_tokens 256 (README of `generate` in cli.py).
+DEFAULT_BATCH_SIZE = 32
 
 
 class GenerateConfig(BaseModel):
@@ -41,7 +60,7 @@ class GenerateConfig(BaseModel):
     out: Path
     limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
@@ -49,23 +68,84 @@ class GenerateConfig(BaseModel):
     dtype: DTypeName = "auto"
     device: DeviceName = "auto"
     engine: Literal["torch", "vllm"] = "torch"
+    top_k_logprobs: int = Field(20, ge=0)  # 0: no top-k log-probabilities
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One prompt's new tokens and, when asked for, the target's top-k at each of them."""
+
+    tokens: list[int]
+    # [len(tokens), K]: row i is the top K of log_softmax(raw logits) at the position whose next
+    # token is tokens[i]; None without top-k.
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
 
 
 class Generator(Protocol):
     eos: frozenset[int]  # the tokens that end a response
 
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
-        """The new tokens for each prompt (token ids), in order."""
+    def __call__(self, prompts: list[list[int]]) -> list[Generated]:
+        """The new tokens (and top-k, when configured) for each prompt, in order."""
         ...
 
 
+CPU_ATTENTION = "afa_cpu_decode"
+
+
+def cpu_decode_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for batched decoding on CPU, where the cache, not the weights, is the cost.
+
+    With a padding mask, Hugging Face's sdpa and eager paths copy the whole key/value cache
+    once per query head group every step (`repeat_kv`) -- on SmolLM2 (3 query heads per key
+    head) most of a decode step at batch 32. Here a decode step (one query position) views the
+    query heads that share a key head as rows of one matrix product against that head's cache,
+    copying nothing; the prefill goes to `scaled_dot_product_attention` (`enable_gqa`). Output
+    as the other implementations: [batch, positions, heads, head dim].
+    """
+    batch, heads, positions, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    mask = None if attention_mask is None else attention_mask[:, :, :, :length]
+    if positions > 1:
+        if mask is None and positions != length:
+            raise ValueError("an unmasked multi-position query must start at position 0")
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=heads != kv_heads,
+        )
+        return output.transpose(1, 2).contiguous(), None
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale  # [batch, kv heads, group, len]
+    if mask is not None:  # [batch, 1, 1, len], additive
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value)  # [batch, kv heads, group, dim]
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CPU_ATTENTION, cpu_decode_attention)
+AttentionMaskInterface.register(CPU_ATTENTION, eager_mask)  # additive float mask
+
+
 class HfGenerator:
-    """Hugging Face `generate` on a left-padded batch."""
+    """Hugging Face `generate` on a left-padded batch (on CPU with `cpu_decode_attention`)."""
 
     def __init__(self, config: GenerateConfig, tokenizer: Any):
         self.device = resolve_device(config.device)
         self.model = load_model(config.target, resolve_dtype(config.dtype, self.device),
                                 self.device)
+        if self.device.type == "cpu" and self.model._can_set_attn_implementation():
+            self.model.set_attn_implementation(CPU_ATTENTION)
         self.eos = eos_token_ids(self.model, tokenizer)
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else min(self.eos)
@@ -78,17 +158,52 @@ class HfGenerator:
             eos_token_id=sorted(self.eos),
             pad_token_id=self.pad_id,
         )
+        self.top_k = config.top_k_logprobs
         torch.manual_seed(config.seed)
 
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]]) -> list[Generated]:
         input_ids, attention_mask = left_padded(prompts, self.pad_id)
-        with torch.no_grad():
+        steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad(), self._recording_topk(steps):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 generation_config=self.generation_config,
             )
-        return [row.tolist() for row in output[:, input_ids.shape[1] :].cpu()]
+        new = output[:, input_ids.shape[1] :].cpu()
+        if not self.top_k:
+            return [Generated(row.tolist()) for row in new]
+        # generate may run a step or two past the end and undo them: the first steps count.
+        if len(steps) < new.shape[1]:
+            raise RuntimeError(f"{len(steps)} forward passes recorded for {new.shape[1]} tokens")
+        ids = torch.stack([step[0] for step in steps[: new.shape[1]]], dim=1).cpu()  # [B, T, K]
+        logprobs = torch.stack([step[1] for step in steps[: new.shape[1]]], dim=1).cpu()
+        return [Generated(row.tolist(), ids[index], logprobs[index])
+                for index, row in enumerate(new)]
+
+    @contextmanager
+    def _recording_topk(self, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Record the top-k of log_softmax(last-position logits) of each forward pass.
+
+        A forward hook rather than `output_logits=True`: that keeps every step's full [B, vocab]
+        float32 logits until `generate` returns (3 GiB at batch 64 x 256 steps of a 49k vocab);
+        this keeps [B, K]. The logits are the model's raw ones, as `output_logits` returns them
+        (float32 of the last position), before any temperature or top-p.
+        """
+        if not self.top_k:
+            yield
+            return
+
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            logprobs = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            values, indices = logprobs.topk(self.top_k, dim=-1)  # sorted, descending
+            steps.append((indices.to(torch.int32), values))  # on the device: no sync per step
+
+        handle = self.model.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -101,6 +216,11 @@ class GenerateSummary:
     seconds: float
 
 
+def response_end(new_tokens: list[int], eos: frozenset[int]) -> int | None:
+    """The length of the response: through its first end-of-sequence token (None: no EOS)."""
+    return next((index + 1 for index, token in enumerate(new_tokens) if token in eos), None)
+
+
 def response_record(
     prompt_id: str,
     prompt_ids: list[int],
@@ -109,7 +229,7 @@ def response_record(
     tokenizer: Any,
 ) -> dict[str, Any]:
     """One output line: the response is cut after its first end-of-sequence token."""
-    end = next((index + 1 for index, token in enumerate(new_tokens) if token in eos), None)
+    end = response_end(new_tokens, eos)
     response = new_tokens if end is None else new_tokens[:end]
     return {
         "id": prompt_id,
@@ -130,13 +250,63 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask
 
 
+def batch_records(
+    batch: list[tuple[str, list[int]]],
+    outputs: list[Generated],
+    eos: frozenset[int],
+    tokenizer: Any,
+    top_k: int,
+    folder: Path,
+) -> list[dict[str, Any]]:
+    """A batch's records; with `top_k`, first the shard of their top-k rows they point into."""
+    records = [
+        response_record(key, ids, generated.tokens, eos, tokenizer)
+        for (key, ids), generated in zip(batch, outputs, strict=True)
+    ]
+    if not top_k:
+        return records
+    ids_rows, logprob_rows = [], []
+    for record, generated in zip(records, outputs, strict=True):
+        length = len(record["response_token_ids"])
+        if generated.topk_ids is None or generated.topk_logprobs is None:
+            raise RuntimeError("the generator returned no top-k log-probabilities")
+        if generated.topk_ids.shape[0] < length or generated.topk_ids.shape[1] != top_k:
+            raise RuntimeError(
+                f"top-k of shape {tuple(generated.topk_ids.shape)} for a {length}-token response"
+                f" at k={top_k}"
+            )
+        ids_rows.append(generated.topk_ids[:length])
+        logprob_rows.append(generated.topk_logprobs[:length])
+    shard = write_shard(folder, torch.cat(ids_rows), torch.cat(logprob_rows))
+    offset = 0
+    for record in records:
+        record["topk"] = {"shard": shard, "offset": offset, "k": top_k}
+        offset += len(record["response_token_ids"])
+    return records
+
+
+def check_topk_setting(records: list[dict[str, Any]], top_k: int, out: Path) -> None:
+    """A resumed run must store what the records already in `out` store: the same K, or none."""
+    found = {record["topk"]["k"] if "topk" in record else 0 for record in records}
+    if found - {top_k}:
+        def describe(k: int) -> str:
+            return f"top-k {k}" if k else "no top-k"
+
+        raise ValueError(
+            f"{out} holds records with {', '.join(describe(k) for k in sorted(found))}; this run "
+            f"asks for {describe(top_k)}: pass the same --top-k-logprobs or a new --out"
+        )
+
+
 def generate_responses(config: GenerateConfig) -> GenerateSummary:
     prompts = load_prompts(config.prompts, config.limit)
     keyed = [(prompt.id or str(index), prompt) for index, prompt in enumerate(prompts)]
     if len({key for key, _ in keyed}) != len(keyed):
         raise ValueError(f"prompt ids in {config.prompts} are not unique: cannot resume by id")
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    done = {record["id"] for record in recover_jsonl(config.out)}
+    existing = recover_jsonl(config.out)
+    check_topk_setting(existing, config.top_k_logprobs, config.out)
+    done = {record["id"] for record in existing}
     pending = [(key, prompt) for key, prompt in keyed if key not in done]
     already_done = len(keyed) - len(pending)
     if not pending:
@@ -159,21 +329,26 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
         TextColumn("generate"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[tokens]} tokens"),
+        TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
     )
+    folder = topk_dir(config.out)
     with progress:
-        task = progress.add_task("generate", total=len(keyed), completed=already_done, tokens=0)
+        task = progress.add_task(
+            "generate", total=len(keyed), completed=already_done, tokens=0, rate=0.0
+        )
         for start in range(0, len(tokenized), config.batch_size):
             batch = tokenized[start : start + config.batch_size]
             outputs = generator([ids for _, ids in batch])
-            records = [
-                response_record(key, ids, new, generator.eos, tokenizer)
-                for (key, ids), new in zip(batch, outputs, strict=True)
-            ]
-            append_jsonl(config.out, records)
+            records = batch_records(
+                batch, outputs, generator.eos, tokenizer, config.top_k_logprobs, folder
+            )
+            append_jsonl(config.out, records)  # after the shard its records point into
             new_tokens += sum(len(record["response_token_ids"]) for record in records)
-            progress.update(task, advance=len(batch), tokens=new_tokens)
+            rate = new_tokens / max(time.monotonic() - started, 1e-9)
+            progress.update(task, advance=len(batch), tokens=new_tokens, rate=rate)
     seconds = time.monotonic() - started
     return GenerateSummary(
         config.out, len(keyed), already_done, len(tokenized), new_tokens, seconds

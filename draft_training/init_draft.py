@@ -1,17 +1,32 @@
-"""init-draft: a draft made of the target's embeddings, first N decoder layers, final norm and head.
+"""init-draft: a draft made of the target's embeddings, some of its decoder layers, final norm
+and head.
+
+Which layers: the first N (`num_layers`, a truncated draft), or any sorted set of them
+(`layers`, e.g. (0, 1, 28, 29): a layer-skipping draft keeping early and late layers).
 
 Works for Llama/Qwen2-style HF causal LMs, whose decoder layers are `model.layers.{i}`: the
-draft's config is the target's with `num_hidden_layers = N` (and per-layer lists such as
-`layer_types` cut to N), and every draft weight is the target weight of the same name.
+draft's config is the target's with `num_hidden_layers = len(layers)` (and per-layer lists such
+as `layer_types` picked at those layers), the draft's layer i holds the weights of the target's
+layer `layers[i]`, and every other draft weight is the target weight of the same name.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from afa_serve.engine.loading import load_model, load_tokenizer
@@ -19,16 +34,117 @@ from draft_training.atomic import atomic_directory
 
 # Config entries that hold one value per decoder layer.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "no_rope_layers")
+_LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 class InitDraftConfig(BaseModel):
+    """`num_layers` (the first N layers; 2 when neither is given) or `layers` (those target
+    layers, sorted, no repeats), not both."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     target: str
-    num_layers: int = Field(2, ge=1)
+    num_layers: int | None = Field(2, ge=1)
+    layers: tuple[int, ...] | None = None
     out: Path
     dtype: Literal["float32", "bfloat16"] = "float32"
     overwrite: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_or_num_layers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("layers") is not None:
+            if data.get("num_layers") is not None:
+                raise ValueError("give num_layers (the first N layers) or layers, not both")
+            data = {**data, "num_layers": None}
+        elif isinstance(data, dict) and "num_layers" in data and data["num_layers"] is None:
+            raise ValueError("give num_layers (the first N layers) or layers")
+        return data
+
+    @field_validator("layers")
+    @classmethod
+    def _sorted_unique(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if layers is not None:
+            check_layers(layers)
+        return layers
+
+    @model_serializer(mode="wrap")
+    def _without_unset_layers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Dumps (the mission's step keys) of count-only configs stay as they were before
+        # `layers` existed.
+        data = handler(self)
+        if self.layers is None:
+            data.pop("layers", None)
+        return data
+
+
+def check_layers(layers: Sequence[int], total: int | None = None) -> None:
+    """ValueError unless `layers` is a non-empty, strictly increasing list of layer indices
+    (below `total`, the target's layer count, when given)."""
+    if not layers:
+        raise ValueError("layers must name at least one layer")
+    if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in layers):
+        raise ValueError(f"layers must be whole numbers, got {list(layers)}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"layers must be sorted and without repeats, got {list(layers)}")
+    if layers[0] < 0 or (total is not None and layers[-1] >= total):
+        upper = "" if total is None else f", {total - 1}"
+        raise ValueError(
+            f"layers must lie in [0{upper}]"
+            + ("" if total is None else " for this target")
+            + f", got {list(layers)}"
+        )
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`"0,1,28,29"` → (0, 1, 28, 29) (spaces and a trailing comma allowed)."""
+    parts = [part.strip() for part in text.split(",")]
+    if parts and parts[-1] == "":
+        parts.pop()
+    try:
+        layers = tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(
+            f"layers must be comma-separated layer indices (e.g. 0,1,28,29), got {text!r}"
+        ) from None
+    check_layers(layers)
+    return layers
+
+
+def layer_draft(target: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A new model holding copies of the target's weights, its decoder layers `layers[i]` as
+    the draft's layers i."""
+    total = target.config.num_hidden_layers
+    layers = tuple(layers)
+    check_layers(layers, total)
+    config_dict = target.config.to_dict()
+    config_dict["num_hidden_layers"] = len(layers)
+    for key in PER_LAYER_CONFIG_FIELDS:
+        values = config_dict.get(key)
+        if isinstance(values, list) and len(values) == total:
+            config_dict[key] = [values[layer] for layer in layers]
+    config = type(target.config).from_dict(config_dict)
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
+    target_state = target.state_dict()
+    sources = {name: _target_weight_name(name, layers) for name in draft.state_dict()}
+    missing = [name for name in sources.values() if name not in target_state]
+    if missing:
+        raise ValueError(
+            f"cannot build a draft of {type(target).__name__}: the target has no weights named "
+            f"{missing[:5]} (only Llama/Qwen2-style models are supported)"
+        )
+    draft.load_state_dict(
+        {name: target_state[source] for name, source in sources.items()}, strict=True
+    )
+    draft.generation_config = target.generation_config
+    return draft.eval()
+
+
+def _target_weight_name(draft_name: str, layers: tuple[int, ...]) -> str:
+    match = _LAYER_WEIGHT.match(draft_name)
+    if match is None:
+        return draft_name
+    return f"model.layers.{layers[int(match.group(1))]}.{match.group(2)}"
 
 
 def truncated_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
@@ -36,30 +152,18 @@ def truncated_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel
     total = target.config.num_hidden_layers
     if not 1 <= num_layers <= total:
         raise ValueError(f"num_layers must lie in [1, {total}] for this target, got {num_layers}")
-    config_dict = target.config.to_dict()
-    config_dict["num_hidden_layers"] = num_layers
-    for key in PER_LAYER_CONFIG_FIELDS:
-        if isinstance(config_dict.get(key), list):
-            config_dict[key] = config_dict[key][:num_layers]
-    config = type(target.config).from_dict(config_dict)
-    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
-    target_state = target.state_dict()
-    missing = [name for name in draft.state_dict() if name not in target_state]
-    if missing:
-        raise ValueError(
-            f"cannot build a draft of {type(target).__name__}: the target has no weights named "
-            f"{missing[:5]} (only Llama/Qwen2-style models are supported)"
-        )
-    draft.load_state_dict({name: target_state[name] for name in draft.state_dict()}, strict=True)
-    draft.generation_config = target.generation_config
-    return draft.eval()
+    return layer_draft(target, range(num_layers))
 
 
 def init_draft(config: InitDraftConfig) -> Path:
-    """Write the truncated draft as a dense HF folder with tokenizer and generation config."""
+    """Write the draft as a dense HF folder with tokenizer and generation config."""
     target = load_model(config.target, getattr(torch, config.dtype), torch.device("cpu"))
     tokenizer = load_tokenizer(config.target)
-    draft = truncated_draft(target, config.num_layers)
+    if config.layers is not None:
+        draft = layer_draft(target, config.layers)
+    else:
+        assert config.num_layers is not None
+        draft = truncated_draft(target, config.num_layers)
     with atomic_directory(config.out, overwrite=config.overwrite) as folder:
         draft.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

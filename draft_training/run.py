@@ -1,13 +1,33 @@
 """A training run: its config, its folder's layout, and the model it trains.
 
     RUN/config.json        the FitConfig
-    RUN/metrics.jsonl      one line per optimiser step: step (from 0), loss, lambda, lr
+    RUN/metrics.jsonl      one line per optimiser step: step (from 0), loss, lambda, lr (and
+                           ce, kl when distilling); with held-out data also one line per
+                           evaluation, marked "kind": "eval": step (the optimiser step after
+                           which it ran), lambda, alpha, tau, acceptance_per_position,
+                           num_tokens, k, eligible, best. Readers of the step records skip
+                           lines that have a "kind".
     RUN/checkpoint.pt      latest periodic checkpoint (trainable weights, optimiser, scheduler,
-                           completed steps, RNG state, λ); removed once the run is final
-    RUN/final.safetensors  the trained weights (metadata: completed steps, lambda)
+                           completed steps, RNG state, λ, best-so-far held-out weights and
+                           score, evaluations since the best); removed once the run is final
+    RUN/best.safetensors   with held-out data: the trainable weights of the best evaluation so
+                           far by implied τ(4) (metadata: completed steps, lambda, tau, alpha)
+    RUN/final.safetensors  the run's weights (metadata: completed steps, lambda, trained_steps,
+                           and tau, alpha, stopped_early when chosen by held-out evaluation)
 
 λ recorded with weights is the λ of the last optimiser step that produced them: the λ at which
 those weights compute what they were trained to compute.
+
+Best weights and the end of a run. Without `heldout_data`, final.safetensors holds the weights
+of the last step. With it, the draft is evaluated on the held-out records every `eval_every`
+optimiser steps and after the last one (teacher-forced agreement, `agreement.py`); only an
+evaluation of weights trained at λ = 0 is *eligible* (AFA-LoRA weights before the end of
+annealing cannot be merged), so during annealing evaluations are logged but neither kept nor
+counted. The eligible evaluation with the highest τ (the earliest on a tie) is kept in
+best.safetensors; once `patience` eligible evaluations in a row fail to beat it, the run stops
+early. However the run ends, final.safetensors is written from the best weights: its `step`
+is the completed-step count of those weights (≤ `trained_steps`), so `merge`, `eval` and
+`resume` (which leaves a final run as it is) all work on the best weights.
 """
 
 from __future__ import annotations
@@ -18,11 +38,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from afa_serve.engine.loading import resolve_device
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import AfaLoraConfig, inject, set_lambda
 from draft_training.atomic import atomic_file, write_json
@@ -51,6 +72,26 @@ class FitConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # loss per response token = ce_weight·CE + kl_weight·KL(target top-K ‖ draft), the KL only
+    # where the data stores the target's top-K (`topk_store.py`); data without any is trained
+    # on CE alone, with a warning
+    ce_weight: float = Field(1.0, ge=0)
+    kl_weight: float = Field(1.0, ge=0)
+    # micro-batches of similar length (less padding); a function of the seed like the order
+    length_bucketing: bool = True
+    # auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16 (measured faster, see
+    # fit.py), else none
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    # held-out evaluation, best weights and early stopping (see the module doc)
+    heldout_data: Path | None = None  # a generate JSONL from prompts never trained on
+    eval_every: int = Field(50, ge=1)  # optimiser steps between held-out evaluations
+    patience: int | None = Field(None, ge=1)  # None: never stop early
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> FitConfig:
+        if self.ce_weight == 0 and self.kl_weight == 0:
+            raise ValueError("ce_weight and kl_weight are both 0: nothing to train on")
+        return self
 
     @property
     def method(self) -> Method:
@@ -73,6 +114,10 @@ def final_path(run_dir: Path) -> Path:
     return run_dir / "final.safetensors"
 
 
+def best_path(run_dir: Path) -> Path:
+    return run_dir / "best.safetensors"
+
+
 def write_config(config: FitConfig) -> None:
     write_json(config_path(config.out), config.model_dump(mode="json"))
 
@@ -85,6 +130,12 @@ def read_config(run_dir: Path) -> FitConfig:
     adapter = recorded.get("adapter")
     if adapter is not None:  # runs recorded before modules_to_save existed trained none
         adapter.setdefault("modules_to_save", [])
+    # runs recorded before these settings trained as they would without them: no length
+    # bucketing, bfloat16 autocast on CUDA only
+    recorded.setdefault("length_bucketing", False)
+    if "autocast" not in recorded:
+        device = resolve_device(recorded.get("device", "auto"))
+        recorded["autocast"] = "bfloat16" if device.type == "cuda" else "off"
     return FitConfig.model_validate(recorded)
 
 
@@ -125,9 +176,33 @@ class TrainedWeights:
     final: bool
 
 
-def save_final(run_dir: Path, state: dict[str, torch.Tensor], step: int, lam: float) -> None:
-    with atomic_file(final_path(run_dir)) as temporary:
-        save_file(state, temporary, metadata={"step": str(step), "lambda": repr(lam)})
+def save_weights(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    step: int,
+    lam: float,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write trainable weights atomically with their completed steps and λ (and `metadata`)."""
+    with atomic_file(path) as temporary:
+        save_file(
+            state, temporary, metadata={**(metadata or {}), "step": str(step), "lambda": repr(lam)}
+        )
+
+
+def save_final(
+    run_dir: Path,
+    state: dict[str, torch.Tensor],
+    step: int,
+    lam: float,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    save_weights(final_path(run_dir), state, step, lam, metadata)
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, framework="pt") as handle:
+        return handle.metadata() or {}
 
 
 def load_trained_weights(run_dir: Path) -> TrainedWeights:

@@ -4,20 +4,27 @@ The same records, batching and resumability as the torch path (`generate.py` han
 of prompt token ids to `VllmGenerator` and writes what comes back); only this module imports
 vLLM. vLLM runs its engine core in a spawned process, so a script that uses this directly
 needs the usual `if __name__ == "__main__":` guard (the `afa-train` console script has it).
+
+Top-k: `SamplingParams(logprobs=K)` returns, per new token, a {token id: Logprob} dict of the
+top K *plus the sampled token* when it falls outside them (K + 1 entries); the top K by value are
+kept. The LLM is built with `logprobs_mode="raw_logprobs"` (vLLM's default, set explicitly): the
+log_softmax of the raw logits, before temperature, top-p and penalties -- what the torch path
+records.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import AutoConfig, GenerationConfig
 
 from afa_serve.engine.loading import generation_end_ids
 from afa_serve.engine.vllm_support import require_vllm
 from afa_serve.models.resolve import resolve_model
-from draft_training.generate import GenerateConfig
+from draft_training.generate import GenerateConfig, Generated
 
-CPU_KV_CACHE_BYTES = 2 << 30
+CPU_KV_CACHE_BYTES = 6 << 30  # room for ~250 SmolLM2 sequences of 1k tokens in bf16
 
 
 def end_token_ids(target: str, tokenizer: Any) -> frozenset[int]:
@@ -42,16 +49,47 @@ class VllmGenerator:
         memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if current_platform.is_cpu() else {}
         # "auto" as the torch path resolves it: float32 on CPU (vLLM would take the model's own).
         dtype = "float32" if config.dtype == "auto" and current_platform.is_cpu() else config.dtype
+        self.top_k = config.top_k_logprobs
+        logprobs = (
+            {"logprobs_mode": "raw_logprobs", "max_logprobs": max(20, self.top_k)}
+            if self.top_k else {}
+        )
         self._llm = LLM(model=target, dtype=dtype, seed=config.seed,
-                        max_num_seqs=config.batch_size, **memory)
+                        max_num_seqs=config.batch_size, **memory, **logprobs)
         self._params = SamplingParams(
             max_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed if config.temperature > 0 else None,
+            logprobs=self.top_k or None,
         )
 
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]]) -> list[Generated]:
         from vllm.inputs import TokensPrompt
 
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts],
                                      self._params, use_tqdm=False)
-        return [list(output.outputs[0].token_ids) for output in outputs]
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            tokens = list(completion.token_ids)
+            if not self.top_k:
+                results.append(Generated(tokens))
+                continue
+            if completion.logprobs is None or len(completion.logprobs) != len(tokens):
+                raise RuntimeError("vLLM returned no log-probabilities for every new token")
+            ids, values = topk_rows(completion.logprobs, self.top_k)
+            results.append(Generated(tokens, ids, values))
+        return results
+
+
+def topk_rows(logprobs: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] token ids and log-probabilities, by value descending, from vLLM's per-token
+    {token id: Logprob} dicts (which may hold k + 1 entries: the sampled token is added)."""
+    ids = torch.empty((len(logprobs), k), dtype=torch.int32)
+    values = torch.empty((len(logprobs), k), dtype=torch.float32)
+    for row, position in enumerate(logprobs):
+        best = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+        if len(best) < k:
+            raise RuntimeError(f"vLLM returned {len(best)} log-probabilities, fewer than k={k}")
+        ids[row] = torch.tensor([token for token, _ in best], dtype=torch.int32)
+        values[row] = torch.tensor([entry.logprob for _, entry in best], dtype=torch.float32)
+    return ids, values

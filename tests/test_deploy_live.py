@@ -179,7 +179,8 @@ def stack(real_model_path: Path, tmp_path_factory) -> Iterator[Stack]:
            "OMP_NUM_THREADS": "2"}
     server = Process.start(
         [sys.executable, "-m", "afa_serve", "serve", "--target", str(real_model_path),
-         "--draft", str(draft), "-k", "3", "--engine", "torch", "--host", "127.0.0.1",
+         "--draft", str(draft), "-k", "3", "--speculation", "fixed", "--engine", "torch",
+         "--host", "127.0.0.1",
          "--port", str(server_port), "--api-key", API_KEY, "--served-model-name", MODEL,
          "--max-num-seqs", "2", "--log-level", "warning"], work / "server.log", env)
     processes = [server]

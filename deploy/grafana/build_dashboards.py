@@ -95,6 +95,8 @@ def speculative_decoding_panels() -> list[timeseries.Panel | table.Panel]:
     drafted = "afa_serve_spec_decode_draft_tokens_total"
     drafts = "afa_serve_spec_decode_drafts_total"
     per_position = "afa_serve_spec_decode_accepted_tokens_per_pos_total"
+    drafted_per_step = "afa_serve_spec_decode_num_drafted_tokens"
+    plain_steps = 'le="0"'  # the histogram's bucket of the steps that drafted nothing
     per_position_share = (f"{rate(per_position, by='model_name, position')}"
                           f" / ignoring (position) group_left {rate(drafts)}")
     return [
@@ -123,6 +125,23 @@ def speculative_decoding_panels() -> list[timeseries.Panel | table.Panel]:
               "target did not have to do one token at a time.", "percentunit",
               [(f"{rate(accepted)} / {rate('afa_serve_generation_tokens_total')}",
                 "{{model_name}}")]).min(0).max(1),
+        graph("Tokens drafted per step",
+              "The k the speculation policy chose per decoding step, cut short where the draft "
+              "was unsure: the mean, and the share of plain steps (k = 0: drafting would lose, "
+              "or the draft declined). Torch engine.", "none",
+              [(f"{rate(drafted_per_step + '_sum')} / {rate(drafted_per_step + '_count')}",
+                "mean {{model_name}}"),
+               (f"{rate(drafted_per_step + '_bucket', matchers=plain_steps)} / "
+                f"{rate(drafted_per_step + '_count')}", "plain share {{model_name}}")])
+        .min(0),
+        graph("Measured draft and verify cost",
+              "What the policy weighs, measured live: c, a draft forward over a plain target "
+              "step; v, a target pass over k + 1 tokens over a one-token pass. "
+              "Speedup = τ / (k·c + v). Torch engine.", "none",
+              [(f"max by (model_name) ({selected('afa_serve_spec_decode_draft_cost_ratio')})",
+                "c {{model_name}}"),
+               (f"max by (model_name) ({selected('afa_serve_spec_decode_verify_cost_ratio')})",
+                "v {{model_name}}")]).min(0).decimals(2),
         table.Panel().title("Served models")
         .description("Target, draft, k and engine of each served model.")
         .datasource(DATASOURCE).span(8).height(8)
