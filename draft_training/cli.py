@@ -207,6 +207,10 @@ def generate(
     """Record the target's own responses to a prompt set: the data a draft learns from.
 
     Rerun the same command after an interruption: prompts already answered in OUT are skipped.
+    With --top-k-logprobs K (default 20) the target's top-K log-probabilities of every response
+    token go to OUT's .topk/ folder (data.jsonl -> data.topk/), for distillation. On CPU
+    --dtype bfloat16 runs about twice as fast as the default float32, but its greedy tokens then
+    depend on the batch a prompt lands in; float32 gives the same tokens whatever the batch.
     """
     with _user_errors():
         summary = generate_responses(

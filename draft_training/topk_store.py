@@ -35,10 +35,7 @@ SHARD_PATTERN = re.compile(r"^(\d{5,})\.safetensors$")
 def topk_dir(jsonl_path: Path) -> Path:
     """`data.jsonl` -> `data.topk` (beside it)."""
     jsonl_path = Path(jsonl_path)
-    stem = jsonl_path.name[: -len(".jsonl")] if jsonl_path.name.endswith(".jsonl") else (
-        jsonl_path.name
-    )
-    return jsonl_path.with_name(f"{stem}.topk")
+    return jsonl_path.with_name(f"{jsonl_path.name.removesuffix('.jsonl')}.topk")
 
 
 def _next_shard_name(folder: Path) -> str:
