@@ -587,8 +587,8 @@ def mission(
     folder as its last line.
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
-    only the steps that depend on it run again; a killed run resumes. Defaults take at most 30
-    minutes on 2 CPU cores. Then serve:  afa-serve serve --draft "$(afa-train mission | tail -n 1)"
+    only the steps that depend on it run again; a killed run resumes. Defaults are sized for
+    about 30 minutes on 2 CPU cores (estimated, not yet timed end to end). Then serve:  afa-serve serve --draft "$(afa-train mission | tail -n 1)"
     """
     with _user_errors():
         config = _mission_config(

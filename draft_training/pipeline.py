@@ -57,7 +57,8 @@ DEFAULT_HELDOUT_SETS = ("alpaca-eval", "arena-hard-en", "mt-bench")
 
 
 class MissionConfig(BaseModel):
-    """Defaults sized to at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct."""
+    """Defaults sized for about 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (an
+    estimate from the measured generation and training rates; see the README)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -65,7 +66,7 @@ class MissionConfig(BaseModel):
     work_dir: Path = Path("afa-train-work")
     prompt_sets: tuple[str, ...] = DEFAULT_PROMPT_SETS  # training prompts come from these
     heldout_sets: tuple[str, ...] = DEFAULT_HELDOUT_SETS  # held-out prompts from these
-    num_prompts: int = Field(1200, ge=1)  # training prompts
+    num_prompts: int = Field(500, ge=1)  # training prompts
     num_heldout: int = Field(48, ge=1)  # kept out of training for evaluation
     split_seed: int = 0
     draft_layers: int = Field(2, ge=1)
@@ -74,12 +75,12 @@ class MissionConfig(BaseModel):
     generate_dtype: DTypeName = "bfloat16"
     top_k_logprobs: int = Field(20, ge=0)  # the target's top-k per token, for distillation
     adapter: AfaLoraConfig = AfaLoraConfig()
-    steps: int = Field(600, ge=1)
+    steps: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1.0, ge=0)
-    eval_every: int = Field(50, ge=1)
-    patience: int | None = Field(4, ge=1)
+    eval_every: int = Field(25, ge=1)
+    patience: int | None = Field(3, ge=1)
     seed: int = 0
     device: DeviceName = "auto"
 

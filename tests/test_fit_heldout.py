@@ -448,3 +448,20 @@ def test_runs_recorded_before_the_new_settings_resume_as_they_trained(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     old = read_config(tmp_path)
     assert (old.length_bucketing, old.autocast, old.heldout_data) == (False, "off", None)
+
+
+def test_a_long_prompt_keeps_its_end_so_the_response_is_still_learnt(tmp_path):
+    path = tmp_path / "data.jsonl"
+    records = [
+        {"id": "long", "prompt_token_ids": list(range(1, 101)), "response_token_ids": [7] * 30},
+        {"id": "short", "prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5]},
+        {"id": "huge-response", "prompt_token_ids": list(range(1, 51)),
+         "response_token_ids": [9] * 80},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    long, short, huge = load_examples(path, max_length=64)
+    # the prompt's last 34 tokens, then the whole response
+    assert long.input_ids == tuple(range(67, 101)) + (7,) * 30 and long.num_prompt_tokens == 34
+    assert short.input_ids == (1, 2, 3, 4, 5) and short.num_prompt_tokens == 2
+    # a response longer than max_length keeps a quarter of it for the prompt's end
+    assert huge.input_ids == tuple(range(35, 51)) + (9,) * 48 and huge.num_prompt_tokens == 16

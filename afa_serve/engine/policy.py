@@ -37,7 +37,7 @@ ENGINE_PRIOR_WEIGHT = 4.0  # pseudo-observations of the previous position's rate
 REQUEST_PRIOR_WEIGHT = 8.0  # pseudo-observations of the engine's rate (per request)
 ENGINE_DECAY = 0.998  # engine-wide counts forget with a horizon of ~500 drafting steps
 REQUEST_DECAY = 0.95  # a request's own with a horizon of ~20: its text can change character
-PROBE_INTERVAL = 16  # plain steps before the first probe of a request
+PROBE_INTERVAL = 32  # plain steps before the first probe of a request (its draft prefill is dear)
 MAX_PROBE_INTERVAL = 512
 TIMING_EMA = 0.1  # weight of a new timing in the moving averages
 
