@@ -10,7 +10,8 @@ that does not pay is simply not run.
 
 Everything it needs is measured where it runs:
 - `CostMeter`: seconds per target pass of n tokens and per draft forward, seeded by a short
-  calibration at start-up and followed live (exponential moving averages of real steps).
+  calibration at start-up and followed live (exponential moving averages of real steps; a
+  draft forward that catches up on many tokens, as a probe's first one does, is not timed).
 - `DraftStats`: per draft position j, how often position j was reached (all earlier tokens
   accepted and j < k), accepted, and how often the draft went on to propose it. Counted per
   request and engine-wide; a request's rates are shrunk towards the engine's, and the engine's

@@ -14,8 +14,8 @@ token pending, so time to first token is prefill plus one step.
 
 Three things make a step cheaper than a fixed-k one, none of which can change the output:
 - `policy.py` chooses each step's k (0 = plain) from measured costs and live acceptance;
-- the draft stops proposing when its probability for its own pick falls below
-  `confidence_threshold` (a decision on the draft's own numbers only);
+- after its first token, the draft stops proposing when its probability for its own pick
+  falls below `confidence_threshold` (a decision on the draft's own numbers only);
 - with a `draft_vocab`, the draft's head computes logits over those token ids only and its
   picks are mapped back to target ids; a token outside the set is never proposed, and the
   draft's distribution is zero there, so rejection sampling stays exact.
@@ -39,6 +39,7 @@ from afa_serve.engine.verify import SamplingSettings, probabilities, sample, ver
 
 CALIBRATION_CONTEXT = 64  # tokens of context the start-up timings run on
 CALIBRATION_REPEATS = 5
+CATCH_UP_TOKENS = 2  # draft forwards over more tokens than this are not timed as c
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,7 @@ class SpeculativeDecoder:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         k = min(self.policy.choose(state.speculation), max_new_tokens - 1)
-        started = time.perf_counter()
-        drafted, draft_probs, num_forwards = self._propose(state, k)
+        drafted, draft_probs = self._propose(state, k)
         proposed = time.perf_counter()
 
         known = len(state.token_ids)
@@ -171,7 +171,6 @@ class SpeculativeDecoder:
         )
         result = verify(drafted, draft_probs, target_logits, state.settings, state.generator)
         self.policy.costs.observe_target(len(drafted) + 1, time.perf_counter() - proposed)
-        self.policy.costs.observe_draft(num_forwards, proposed - started)
         self.policy.record(state.speculation, k, len(drafted), result.num_accepted)
 
         new_tokens = drafted[: result.num_accepted] + [result.next_token]
@@ -193,20 +192,19 @@ class SpeculativeDecoder:
         ).last_hidden_state[0, -1]
         return hidden @ self._draft_head.T
 
-    def _propose(
-        self, state: SequenceState, k: int
-    ) -> tuple[list[int], torch.Tensor | None, int]:
+    def _propose(self, state: SequenceState, k: int) -> tuple[list[int], torch.Tensor | None]:
         """Let the draft catch up with the sequence and propose up to k tokens, stopping when
-        it is unsure of its pick. Returns the tokens (target ids), the distributions they were
-        drawn from (sampling only, over the whole vocabulary) and the draft forwards run."""
+        it is unsure of its pick. Returns the tokens (target ids) and the distributions they were
+        drawn from (sampling only, over the whole vocabulary)."""
         if k == 0:
-            return [], None, 0
+            return [], None
         assert state.draft_cache is not None
         settings = state.settings
         pending = state.token_ids[state.draft_cache.get_seq_length() :]
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
-        for forwards in range(1, k + 1):
+        for _ in range(k):
+            started = time.perf_counter()
             logits = self._draft_logits(state.draft_cache, pending)
             if settings.greedy:
                 index = int(logits.argmax().item())
@@ -217,14 +215,18 @@ class SpeculativeDecoder:
                 token_probs = probabilities(logits, settings)
                 index = sample(token_probs, state.generator)
                 confidence = float(token_probs.max())
-            if self.confidence_threshold > 0.0 and confidence < self.confidence_threshold:
-                return drafted, _stacked(probs), forwards
+            if len(pending) <= CATCH_UP_TOKENS:  # a catch-up over many tokens is not c
+                self.policy.costs.observe_draft(1, time.perf_counter() - started)
+            # the first token's forward is paid for: it is always proposed
+            if drafted and self.confidence_threshold > 0.0 and (
+                    confidence < self.confidence_threshold):
+                break
             token = index if self._draft_ids is None else int(self._draft_ids[index])
             drafted.append(token)
             if token_probs is not None:
                 probs.append(self._full_vocab(token_probs))
             pending = [token]
-        return drafted, _stacked(probs), k
+        return drafted, _stacked(probs)
 
     def _full_vocab(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over the draft's trimmed vocabulary, spread over the target's."""
