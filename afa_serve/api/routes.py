@@ -62,7 +62,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         503: "Shutting down; retry elsewhere after Retry-After seconds.",
     }.items()
 }
-_STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# One server-sent event: `data` holds a JSON chunk, or `[DONE]` last.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+_STREAM = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                  "description": "JSON, or with `stream: true` server-sent events."}}
 
 
