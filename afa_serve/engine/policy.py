@@ -127,10 +127,6 @@ class CostMeter:
             per_forward - old)
 
     @property
-    def calibrated(self) -> bool:
-        return bool(self.target_pass_s)
-
-    @property
     def draft_cost_ratio(self) -> float | None:
         """c: one draft forward over one plain target step."""
         if not self.target_pass_s or self.draft_forward_s is None:
@@ -259,12 +255,3 @@ class SpeculationPolicy:
         request.stats.record(k, num_drafted, num_accepted)
         self.engine_stats.decay(ENGINE_DECAY)
         self.engine_stats.record(k, num_drafted, num_accepted)
-
-    def summary(self) -> dict[str, float | None | list[float]]:
-        """The measured figures the engine exports: c, v(k_max + 1), engine-wide β."""
-        return {
-            "draft_cost_ratio": self.costs.draft_cost_ratio,
-            "verify_cost_ratio": self.costs.verify_cost_ratio(self.max_k + 1),
-            "acceptance": self.acceptance(None),
-        }
-
