@@ -353,8 +353,7 @@ def fit(
     Where DATA stores the target's top-K log-probs, the loss adds --kl-weight times the KL
     from the target's top-K distribution. A progress bar shows the loss, λ and the latest
     held-out τ and α; checkpoints are written atomically every --checkpoint-every steps, so a
-    killed run continues with --resume (or `afa-train resume`).
-    On several GPUs launch it with torchrun or accelerate.
+    killed run continues with --resume (or `afa-train resume`). It trains on one device.
     """
     with _user_errors():
         if resume_run and config_path(out).exists():
