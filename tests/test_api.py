@@ -123,6 +123,29 @@ def test_token_id_prompts_are_accepted(server, real_tokenizer):
     assert by_ids.choices[0].text == by_text.choices[0].text
 
 
+def test_penalties_and_filters_are_honoured(server, real_tokenizer):
+    extensions = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                  "top_k": 50, "min_p": 0.01, "min_tokens": 4, "logit_bias": {"42": 3}}
+    kwargs = dict(model=TINY, prompt="Once upon", max_tokens=16, temperature=0.8, seed=3)
+    text = server.client().completions.create(**kwargs, extra_body=extensions).choices[0].text
+    ids = real_tokenizer("Once upon")["input_ids"]
+    expected = engine_alone(server.engine, ids, SamplingParams(
+        max_tokens=16, temperature=0.8, seed=3, repetition_penalty=1.3, presence_penalty=0.5,
+        frequency_penalty=0.5, top_k=50, min_p=0.01, min_tokens=4, logit_bias=((42, 3.0),)))
+    plain = engine_alone(server.engine, ids, SamplingParams(max_tokens=16, temperature=0.8,
+                                                            seed=3))
+    assert text == expected != plain
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens(server, real_tokenizer, skip):
+    im_start = real_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    choice = server.client().completions.create(
+        model=TINY, prompt="hi", max_tokens=3, temperature=0,
+        extra_body={"logit_bias": {str(im_start): 100}, "skip_special_tokens": skip}).choices[0]
+    assert choice.text == ("" if skip else "<|im_start|>" * 3)
+
+
 def test_stop_string_ends_the_text_before_it(server):
     client = server.client()
     free = client.completions.create(model=TINY, prompt="Once upon", max_tokens=30,
@@ -186,11 +209,16 @@ def refusal(call) -> openai.APIStatusError:
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"logprobs": 2}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"42": 5}}, "logit_bias"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"4200000": 5}}, "logit_bias"),
+    ({"logit_bias": {"hello": 5}}, "logit_bias.hello"),
+    ({"logit_bias": {"42": 101}}, "logit_bias"),
+    ({"min_tokens": 5}, "min_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
     ({"suffix": "end"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"temperature": 5}, "temperature"),
@@ -208,14 +236,26 @@ def test_completion_refusals_name_the_parameter(server, extra, param):
 
 @pytest.mark.parametrize("extra, param", [
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "http://x"}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "see"}, {
+        "type": "image_url", "image_url": {"url": "http://x"}}]}]}, "messages[0].content[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f",
+                                                                  "arguments": "{}"}}]}]},
+     "messages[1].tool_calls"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages[0].colour"),
     ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
     ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 2100}]}, "messages"),
@@ -235,6 +275,34 @@ def test_harmless_defaults_are_accepted(server):
         frequency_penalty=0, logprobs=False, n=1, response_format={"type": "text"},
         temperature=None)
     assert response.choices[0].finish_reason == "length"
+
+
+def test_platform_fields_and_neutral_extensions_leave_the_output_alone(server):
+    """OpenAI's platform-only fields (LangChain's named messages, store, metadata, ...) and
+    vLLM's extensions at their neutral values (what `vllm bench serve` sends) change nothing."""
+    plain = server.client().chat.completions.create(
+        model=TINY, messages=MESSAGES, max_tokens=8, temperature=0)
+    named = [{**message, "name": "someone"} for message in MESSAGES]
+    chunks = list(server.client().chat.completions.create(
+        model=TINY, messages=named, max_tokens=8, temperature=0, store=False,
+        metadata={"run": "1"}, service_tier="auto", safety_identifier="x",
+        prompt_cache_key="k", parallel_tool_calls=True, tool_choice="auto", tools=[],
+        modalities=["text"], verbosity="medium", prediction={"type": "content", "content": "x"},
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+        extra_body={"repetition_penalty": 1.0, "min_p": 0.0, "top_k": -1, "min_tokens": 0,
+                    "skip_special_tokens": True, "ignore_eos": False, "stop_token_ids": [],
+                    "chat_template_kwargs": {}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(server):
+    chunks = list(server.client().completions.create(
+        model=TINY, prompt="Once upon", max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(chunk.usage is not None for chunk in chunks)
+    generated = [c.usage.completion_tokens for c in chunks]
+    assert generated == sorted(generated) and generated[-1] == 6
 
 
 def test_unknown_model_is_404(server):

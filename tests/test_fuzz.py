@@ -93,11 +93,11 @@ def test_unparsable_bodies_are_400(server, body):
 @pytest.mark.parametrize("fields, param", [
     ({"model": 5}, "model"),
     ({"prompt": {"a": 1}}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt[0]"),  # a list of strings or of ids: neither
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [2**40]}, "prompt"),
-    ({"prompt": [-1]}, "prompt"),
+    ({"prompt": [-1]}, "prompt[0]"),
     ({"prompt": ["x"] * 17}, "prompt"),
     ({"n": "three"}, "n"),
     ({"n": 16, "prompt": ["a", "b"]}, "n"),
@@ -106,7 +106,7 @@ def test_unparsable_bodies_are_400(server, body):
     ({"max_tokens": 1.5}, "max_tokens"),
     ({"temperature": "hot"}, "temperature"),
     ({"seed": 2**70}, "seed"),
-    ({"stop": [1, 2]}, "stop"),
+    ({"stop": [1, 2]}, "stop[0]"),
     ({"stop": ["s"] * 1000}, "stop"),
     ({"stop": ""}, "stop"),
     ({"stop_token_ids": [10**9]}, "stop_token_ids"),
@@ -126,7 +126,7 @@ def test_wrong_types_and_values_are_400_naming_the_parameter(server, fields, par
     ([{"role": "user", "content": "hi"}] * 5000, "messages"),
     ([{"role": "user", "content": None}], "messages[0].content"),
     ([{"role": "user", "content": []}], "messages[0].content"),
-    ([{"role": "user", "content": "hi", "name": "bob"}], "messages[0].name"),
+    ([{"role": "user", "content": "hi", "name": 5}], "messages[0].name"),
     ([{"role": "assistant", "tool_calls": []}], "messages[0].content"),
 ])
 def test_hostile_chat_messages_are_400(server, messages, param):

@@ -106,7 +106,8 @@ def _is_field_name(part: object) -> bool:
 
 
 def _param_of(location: Sequence[Any]) -> str | None:
-    """`("body", "messages", 0, "content", "str")` -> "messages[0].content"."""
+    """`("body", "messages", 0, "content", "list[...]", 1, "type=image_url")` ->
+    "messages[0].content[1]": union-member tags are left out."""
     fields = list(location[1:]) if location and location[0] == "body" else list(location)
     param = ""
     for part in fields:
@@ -114,16 +115,27 @@ def _param_of(location: Sequence[Any]) -> str | None:
             param += f"[{part}]"
         elif _is_field_name(part):
             param += f".{part}" if param else part
-        else:
-            break
     return param or None
+
+
+def _is_type_mismatch(error: dict[str, Any]) -> bool:
+    return error.get("type", "").endswith("_type") or error.get("type") == "none_required"
+
+
+def _real_cause(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report, of those about the first offending parameter. A union reports one
+    error per member; the member the client meant is one whose type matched (a list of parts,
+    not a string, when a part is refused), and of those the one that got furthest in."""
+    top = errors[0].get("loc", ())[:2]
+    return max((e for e in errors if e.get("loc", ())[:2] == top),
+               key=lambda e: (not _is_type_mismatch(e), len(e.get("loc", ()))))
 
 
 def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """One 400 for a body that failed validation, naming the first offending parameter."""
     if not errors:
         return invalid_request("invalid request body")
-    first = errors[0]
+    first = _real_cause(errors)
     location = first.get("loc", ())
     param = _param_of(location)
     if first.get("type") == "extra_forbidden":

@@ -8,6 +8,7 @@ engine refuses an over-long request the same way and with OpenAI's parameter nam
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -41,6 +42,10 @@ class Plan:
 
     choices: list[Choice]
     prompt_lengths: list[int]  # per distinct prompt, for usage.prompt_tokens
+    echo: list[str] | None = None  # per prompt: its text, put before each of its choices' text
+    # max_tokens 0 with echo: the engine generates one token (it scores the prompt on the way),
+    # which the response leaves out, as vLLM's server does
+    echo_only: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,9 +62,16 @@ def _chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
         {"role": "system" if m.role == "developer" else m.role, "content": m.text}
         for m in request.messages
     ]
+    variables = request.chat_template_kwargs or {}
+    arguments = inspect.signature(tokenizer.apply_chat_template).parameters
+    reserved = sorted(variables.keys() & arguments.keys())
+    if reserved:
+        raise invalid_request(
+            f"chat_template_kwargs may hold template variables only, not {', '.join(reserved)}",
+            param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+            conversation, add_generation_prompt=True, tokenize=False, **variables
         )
     except Exception as error:  # the template's own checks (e.g. alternating roles)
         logger.info("chat template refused the messages: %s", error)
@@ -110,8 +122,15 @@ def _max_tokens(
     return max_tokens
 
 
-def _sampling(fields: SamplingFields, max_tokens: int, seed_offset: int) -> SamplingParams:
+def _sampling(
+    fields: SamplingFields, max_tokens: int, seed_offset: int, logprobs: int | None,
+    prompt_logprobs: int | None,
+) -> SamplingParams:
     temperature = 1.0 if fields.temperature is None else fields.temperature
+
+    def given(value, default):
+        return default if value is None else value
+
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
@@ -121,6 +140,15 @@ def _sampling(fields: SamplingFields, max_tokens: int, seed_offset: int) -> Samp
         stop=fields.stop_sequences,
         stop_token_ids=tuple(fields.stop_token_ids or ()),
         ignore_eos=bool(fields.ignore_eos),
+        min_p=given(fields.min_p, 0.0),
+        repetition_penalty=given(fields.repetition_penalty, 1.0),
+        presence_penalty=given(fields.presence_penalty, 0.0),
+        frequency_penalty=given(fields.frequency_penalty, 0.0),
+        logit_bias=tuple((int(token), bias) for token, bias in (fields.logit_bias or {}).items()),
+        min_tokens=given(fields.min_tokens, 0),
+        skip_special_tokens=given(fields.skip_special_tokens, True),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -130,6 +158,10 @@ def _plan(
     budgets: list[int],
     response_id: str,
     arrival_time: float,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    echo: list[str] | None = None,
+    echo_only: bool = False,
 ) -> Plan:
     n = fields.num_choices
     if len(prompts) * n > MAX_CHOICES:
@@ -143,15 +175,21 @@ def _plan(
             request = GenerationRequest(
                 request_id=f"{response_id}-{index}",
                 prompt_token_ids=tuple(prompt),
-                params=_sampling(fields, budget, seed_offset=sample),
+                params=_sampling(fields, budget, sample, logprobs, prompt_logprobs),
                 arrival_time=arrival_time,
             )
             choices.append(Choice(index, prompt_index, request))
-    return Plan(choices, [len(p) for p in prompts])
+    return Plan(choices, [len(p) for p in prompts], echo, echo_only)
 
 
-def _check_stop_token_ids(fields: SamplingFields, vocab_size: int) -> None:
+def _check_fields(fields: SamplingFields, vocab_size: int, budgets: list[int]) -> None:
+    """What needs the tokenizer or the output budget: token ids, min_tokens."""
     _check_token_ids(list(fields.stop_token_ids or ()), vocab_size, "stop_token_ids")
+    _check_token_ids([int(token) for token in fields.logit_bias or {}], vocab_size, "logit_bias")
+    if fields.min_tokens and fields.min_tokens > min(budgets):
+        raise invalid_request(
+            f"min_tokens ({fields.min_tokens}) must not exceed the output limit "
+            f"({min(budgets)})", "min_tokens")
 
 
 async def plan_completion(
@@ -159,15 +197,21 @@ async def plan_completion(
 ) -> Plan:
     prompts = await asyncio.to_thread(_completion_prompt_ids, tokenizer, request.prompts)
     vocab_size = len(tokenizer)
-    _check_stop_token_ids(request, vocab_size)
+    echo_only = request.max_tokens == 0  # the schema allows 0 only with echo
     budgets = []
     for ids in prompts:
         _check_token_ids(ids, vocab_size, "prompt")
         budgets.append(_max_tokens(
-            request.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids), info, "prompt",
-            "max_tokens",
+            1 if echo_only else request.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids),
+            info, "prompt", "max_tokens",
         ))
-    return _plan(request, prompts, budgets, response_id, arrival_time)
+    _check_fields(request, vocab_size, budgets)
+    echo = None
+    if request.echo:
+        echo = [prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+                for prompt, ids in zip(request.prompts, prompts, strict=True)]
+    return _plan(request, prompts, budgets, response_id, arrival_time, request.logprobs,
+                 request.logprobs if request.echo else None, echo, echo_only)
 
 
 async def plan_chat(
@@ -175,9 +219,10 @@ async def plan_chat(
     arrival_time: float,
 ) -> Plan:
     ids = await asyncio.to_thread(_chat_prompt_ids, tokenizer, request)
-    _check_stop_token_ids(request, len(tokenizer))
     budget = _max_tokens(
         request.max_output_tokens, None, len(ids), info, "messages",
         request.max_output_tokens_param,
     )
-    return _plan(request, [ids], [budget], response_id, arrival_time)
+    _check_fields(request, len(tokenizer), [budget])
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return _plan(request, [ids], [budget], response_id, arrival_time, logprobs)

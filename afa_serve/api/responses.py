@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
 from afa_serve.api.errors import APIError
-from afa_serve.api.prompting import Plan
+from afa_serve.api.logprobs import LogprobFormatter
+from afa_serve.api.prompting import Choice, Plan
 from afa_serve.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -24,8 +25,10 @@ from afa_serve.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionResponse,
     ErrorResponse,
     ResponseMetrics,
@@ -33,7 +36,7 @@ from afa_serve.api.schemas import (
     Usage,
 )
 from afa_serve.api.streams import ChoiceStreams, ClientDisconnected
-from afa_serve.engine.base import Delta, SpecDecodeCounts
+from afa_serve.engine.base import Delta, SpecDecodeCounts, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +49,21 @@ def sse(body: BaseModel) -> bytes:
 
 
 @dataclass(frozen=True)
+class UsageInStream:
+    """Where a stream carries usage: a last chunk of its own (OpenAI's include_usage), and
+    with vLLM's continuous_usage_stats on every chunk too."""
+
+    last: bool = False
+    continuous: bool = False
+
+
+@dataclass(frozen=True)
 class ResponseContext:
     response_id: str
     created: int
     model: str
     num_spec_tokens: int  # k; 0 when the engine decodes without a draft
+    logprobs: LogprobFormatter
 
 
 @dataclass
@@ -60,14 +73,41 @@ class ResponseAccount:
     plan: Plan
     last: dict[int, Delta] = field(default_factory=dict)
     texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]] = field(default_factory=dict)
 
     def add(self, index: int, delta: Delta, keep_text: bool) -> None:
         self.last[index] = delta
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[index] = delta.prompt_logprobs
         if keep_text and delta.text:
             self.texts.setdefault(index, []).append(delta.text)
+        if keep_text and delta.logprobs:
+            self.logprobs.setdefault(index, []).extend(delta.logprobs)
 
-    def text(self, index: int) -> str:
-        return "".join(self.texts.get(index, ()))
+    def echo(self, choice: Choice) -> str:
+        return "" if self.plan.echo is None else self.plan.echo[choice.prompt_index]
+
+    def text(self, choice: Choice) -> str:
+        generated = "" if self.plan.echo_only else "".join(self.texts.get(choice.index, ()))
+        return self.echo(choice) + generated
+
+    def completion_logprobs(
+        self, choice: Choice, generated: list[TokenLogprob], formatter: LogprobFormatter,
+        text_offset: int, with_prompt: bool,
+    ) -> CompletionLogprobs | None:
+        """The choice's logprobs (the prompt's first, with echo), or None if not asked for."""
+        if choice.request.params.logprobs is None:
+            return None
+        entries: list[TokenLogprob | None] = []
+        ids: list[int] = []
+        if with_prompt and self.plan.echo is not None:
+            entries += self.prompt_logprobs[choice.index]
+            ids += choice.request.prompt_token_ids
+        if not self.plan.echo_only:
+            entries += generated
+            ids += [entry.token_id for entry in generated]
+        return formatter.completion(entries, ids, text_offset)
 
     @property
     def finished(self) -> bool:
@@ -76,7 +116,8 @@ class ResponseAccount:
         )
 
     def usage(self) -> Usage:
-        completion = sum(d.num_generated_tokens for d in self.last.values())
+        completion = 0 if self.plan.echo_only else sum(
+            d.num_generated_tokens for d in self.last.values())
         prompt = self.plan.num_prompt_tokens
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
@@ -148,7 +189,10 @@ def completion_body(context: ResponseContext, account: ResponseAccount) -> Compl
     return CompletionResponse(
         id=context.response_id, created=context.created, model=context.model,
         choices=[
-            CompletionChoice(index=c.index, text=account.text(c.index),
+            CompletionChoice(index=c.index, text=account.text(c),
+                             logprobs=account.completion_logprobs(
+                                 c, account.logprobs.get(c.index, []), context.logprobs, 0,
+                                 with_prompt=True),
                              finish_reason=account.last[c.index].finish_reason,
                              stop_reason=account.last[c.index].stop_reason)
             for c in account.plan.choices
@@ -162,7 +206,8 @@ def chat_body(context: ResponseContext, account: ResponseAccount) -> ChatComplet
     return ChatCompletionResponse(
         id=context.response_id, created=context.created, model=context.model,
         choices=[
-            ChatChoice(index=c.index, message=AssistantMessage(content=account.text(c.index)),
+            ChatChoice(index=c.index, message=AssistantMessage(content=account.text(c)),
+                       logprobs=_chat_logprobs(context, c, account.logprobs.get(c.index, [])),
                        finish_reason=account.last[c.index].finish_reason,
                        stop_reason=account.last[c.index].stop_reason)
             for c in account.plan.choices
@@ -172,11 +217,18 @@ def chat_body(context: ResponseContext, account: ResponseAccount) -> ChatComplet
     )
 
 
+def _chat_logprobs(context: ResponseContext, choice: Choice,
+                   logprobs: Sequence[TokenLogprob]) -> ChatLogprobs | None:
+    if choice.request.params.logprobs is None:
+        return None
+    return context.logprobs.chat(logprobs)
+
+
 async def _events(
     context: ResponseContext,
     streams: ChoiceStreams,
     account: ResponseAccount,
-    include_usage: bool,
+    usage_in_stream: UsageInStream,
     opening: list[BaseModel],
     chunk_of: Callable[[int, Delta], CompletionChunk | ChatCompletionChunk],
     usage_chunk: Callable[[Usage, ResponseMetrics], CompletionChunk | ChatCompletionChunk],
@@ -187,13 +239,15 @@ async def _events(
             yield sse(body)
         async for index, delta in streams:
             account.add(index, delta, keep_text=False)
-            if not (delta.text or delta.finished):
+            if not (delta.text or delta.finished or delta.logprobs or delta.prompt_logprobs):
                 continue  # text held back (a partial character or a possible stop string)
             chunk = chunk_of(index, delta)
-            if account.finished and not include_usage:
+            if usage_in_stream.continuous:
+                chunk.usage = account.usage()
+            if account.finished and not usage_in_stream.last:
                 chunk.metrics = account.metrics(context.num_spec_tokens)
             yield sse(chunk)
-        if include_usage:
+        if usage_in_stream.last:
             yield sse(usage_chunk(account.usage(), account.metrics(context.num_spec_tokens)))
         yield DONE
     except ClientDisconnected:
@@ -209,33 +263,48 @@ async def _events(
 
 def completion_events(
     context: ResponseContext, streams: ChoiceStreams, account: ResponseAccount,
-    include_usage: bool,
+    usage_in_stream: UsageInStream,
 ) -> AsyncIterator[bytes]:
+    choices = {c.index: c for c in account.plan.choices}
+    text_offsets: dict[int, int] = {}  # per choice: where its next chunk's text starts
+
     def chunk(index: int, delta: Delta) -> CompletionChunk:
+        choice = choices[index]
+        first = index not in text_offsets
+        text = ((account.echo(choice) if first else "")
+                + ("" if account.plan.echo_only else delta.text))
+        offset = text_offsets.get(index, 0)
+        text_offsets[index] = offset + len(text)
         return CompletionChunk(
             id=context.response_id, created=context.created, model=context.model,
-            choices=[CompletionChoice(index=index, text=delta.text,
-                                      finish_reason=delta.finish_reason,
-                                      stop_reason=delta.stop_reason)],
+            choices=[CompletionChoice(
+                index=index, text=text,
+                logprobs=account.completion_logprobs(
+                    choice, list(delta.logprobs or ()), context.logprobs, offset,
+                    with_prompt=first),
+                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)],
         )
 
     def last(usage: Usage, metrics: ResponseMetrics) -> CompletionChunk:
         return CompletionChunk(id=context.response_id, created=context.created,
                                model=context.model, choices=[], usage=usage, metrics=metrics)
 
-    return _events(context, streams, account, include_usage, [], chunk, last)
+    return _events(context, streams, account, usage_in_stream, [], chunk, last)
 
 
 def chat_events(
     context: ResponseContext, streams: ChoiceStreams, account: ResponseAccount,
-    include_usage: bool,
+    usage_in_stream: UsageInStream,
 ) -> AsyncIterator[bytes]:
+    choices = {c.index: c for c in account.plan.choices}
+
     def chunk(index: int, delta: Delta) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=context.response_id, created=context.created, model=context.model,
             choices=[ChatChunkChoice(
                 index=index,
                 delta=ChatDelta(content=delta.text) if delta.text else ChatDelta(),
+                logprobs=_chat_logprobs(context, choices[index], delta.logprobs or ()),
                 finish_reason=delta.finish_reason,
                 stop_reason=delta.stop_reason,
             )],
@@ -253,7 +322,7 @@ def chat_events(
         )
         for c in account.plan.choices
     ]
-    return _events(context, streams, account, include_usage, opening, chunk, last)
+    return _events(context, streams, account, usage_in_stream, opening, chunk, last)
 
 
 def now_unix() -> int:

@@ -12,10 +12,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from afa_serve.api.errors import from_engine_error, model_not_found
+from afa_serve.api.logprobs import LogprobFormatter
 from afa_serve.api.prompting import Plan, plan_chat, plan_completion
 from afa_serve.api.responses import (
     ResponseAccount,
     ResponseContext,
+    UsageInStream,
     chat_body,
     chat_events,
     collect,
@@ -104,7 +106,7 @@ async def metrics(state: State) -> Response:
 
 Planner = Callable[..., Awaitable[Plan]]
 BodyBuilder = Callable[[ResponseContext, ResponseAccount], BaseModel]
-EventsBuilder = Callable[[ResponseContext, ChoiceStreams, ResponseAccount, bool],
+EventsBuilder = Callable[[ResponseContext, ChoiceStreams, ResponseAccount, UsageInStream],
                          AsyncGenerator[bytes, None]]
 
 
@@ -135,11 +137,12 @@ async def _generate(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except (InvalidRequestError, QueueFullError, EngineClosedError) as error:
         raise from_engine_error(error, param_names) from None
-    context = ResponseContext(response_id, now_unix(), info.name, info.num_speculative_tokens)
+    context = ResponseContext(response_id, now_unix(), info.name, info.num_speculative_tokens,
+                              LogprobFormatter(engine.tokenizer))
     account = ResponseAccount(planned)
     if body.stream:
         return EventStreamResponse(
-            build_events(context, streams, account, body.include_usage_in_stream))
+            build_events(context, streams, account, UsageInStream(*body.usage_in_stream)))
     try:
         await collect(streams, account)
     except ClientDisconnected:

@@ -1,22 +1,38 @@
 """OpenAI's wire format: the request bodies this server accepts and the bodies it returns.
 
-Requests are strict. An unknown field is refused (OpenAI itself answers "Unrecognized request
-argument supplied"), and a known field the engine cannot honour (logprobs, penalties, tools,
-...) is accepted only at its neutral value: anything else is a 400 that names the parameter,
-never a silent change of meaning. `user` and `safety_identifier` only identify the caller and
-are accepted and ignored.
+Every field of OpenAI's chat and completions requests is known, and so are vLLM's sampling
+extensions that clients send (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+stop_token_ids, skip_special_tokens, chat_template_kwargs, stream_options'
+continuous_usage_stats). A field is either honoured; or accepted and ignored, where it only
+concerns OpenAI's platform (store, metadata, service_tier, prompt_cache_key, user,
+safety_identifier, a message's name, stream_options' include_obfuscation) or only its speed
+(prediction); or, where it would change the output and cannot be honoured (tools, JSON
+response formats, audio, images, ...), accepted at its neutral value only: anything else is a
+400 that names the parameter, never a silent change of meaning. An unknown field is refused, as
+OpenAI answers it: "Unrecognized request argument supplied".
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_CHOICES = 16  # n, and n times the number of prompts of a batched completion
 MAX_PROMPTS = 16  # prompts in one batched completion request
 MAX_STOP_SEQUENCES = 16
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
+MAX_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -58,11 +74,18 @@ class StrictModel(BaseModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted and ignored: this server adds no obfuscation field.")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM extension: usage so far on every chunk (with include_usage).")
 
 
 StopSequence = Annotated[Text, Field(min_length=1, max_length=1024)]
 Stop = StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,19}$")],
+                 Annotated[float, Field(ge=-100.0, le=100.0)]]
 
 
 class SamplingFields(StrictModel):
@@ -82,16 +105,25 @@ class SamplingFields(StrictModel):
         None, description="vLLM extension: token ids that end generation."
     )
     ignore_eos: bool | None = Field(None, description="vLLM extension: generate past EOS.")
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="vLLM extension: keep tokens at least min_p times the likeliest one.")
+    min_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="vLLM extension: no EOS, stop token or stop string before this many.")
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = Field(
+        None, description="vLLM extension: 1 (the default) is none; > 1 discourages tokens "
+                          "of the prompt and output.")
+    skip_special_tokens: bool | None = Field(
+        None, description="vLLM extension: leave special tokens out of the text (default true).")
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = Field(
         None, description="Default 1. Choice i samples with seed + i when a seed is given."
     )
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
-    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
-    presence_penalty: Annotated[float | None, _neutral_only(0.0)] = None
-    frequency_penalty: Annotated[float | None, _neutral_only(0.0)] = None
-    logit_bias: Annotated[dict[str, float] | None, _neutral_only({})] = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = Field(
+        None, description="Token id (a string) -> bias added to its logit, -100 to 100.")
 
     @field_validator("stream_options")
     @classmethod
@@ -116,8 +148,10 @@ class SamplingFields(StrictModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
-    def include_usage_in_stream(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    def usage_in_stream(self) -> tuple[bool, bool]:
+        """(a last usage chunk, usage on every chunk): continuous_usage_stats needs the first."""
+        options = self.stream_options or StreamOptions()
+        return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 PromptText = Annotated[Text, Field(max_length=8 * 1024 * 1024)]
@@ -131,11 +165,15 @@ class CompletionRequest(SamplingFields):
         | PromptTokens
         | Annotated[list[PromptTokens], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Tokens to generate at most; default 16, as OpenAI's."
+    echo: bool | None = Field(
+        None, description="Prefix the prompt to the text (and, with logprobs, score it).")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Tokens to generate at most; default 16, as OpenAI's. 0 only with "
+                          "echo: the prompt scored, nothing generated."
     )
-    logprobs: Annotated[int | None, _neutral_only()] = None
-    echo: Annotated[bool | None, _neutral_only(False)] = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = Field(
+        None, description="Each token's log-probability under the target (before temperature "
+                          "and penalties) and this many likeliest tokens besides.")
     suffix: Annotated[str | None, _neutral_only()] = None
     best_of: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Accepted only when equal to n."
@@ -149,6 +187,14 @@ class CompletionRequest(SamplingFields):
                 "unsupported_parameter",
                 "'best_of' is not supported by this server unless it equals n",
             )
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise PydanticCustomError(
+                "zero_max_tokens", "'max_tokens' may be 0 only with 'echo' true")
         return value
 
     @property
@@ -166,17 +212,85 @@ class TextPart(StrictModel):
     text: Text
 
 
-class ChatMessage(StrictModel):
-    """A message of the conversation; text only (no images, audio, tool calls)."""
+class RefusalPart(StrictModel):
+    """A refusal an assistant message of the conversation gave; rendered as its text."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    type: Literal["refusal"]
+    refusal: Text
+
+
+def _unsupported_part(kind: str) -> AfterValidator:
+    def refuse(value: object) -> object:
+        raise PydanticCustomError(
+            "unsupported_content", "{kind} content is not supported by this server (text only)",
+            {"kind": kind})
+
+    return AfterValidator(refuse)
+
+
+class OtherPart(BaseModel):
+    """An image, audio or file part: known to OpenAI, refused here with the reason."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("type=text")] | Annotated[RefusalPart, Tag("type=refusal")]
+    | Annotated[OtherPart, _unsupported_part("image"), Tag("type=image_url")]
+    | Annotated[OtherPart, _unsupported_part("audio"), Tag("type=input_audio")]
+    | Annotated[OtherPart, _unsupported_part("file"), Tag("type=file")],
+    Discriminator(lambda part: "type=" + str(part.get("type") if isinstance(part, dict)
+                                             else getattr(part, "type", None)),
+                  custom_error_type="unknown_content_part",
+                  custom_error_message="a content part's type is text, refusal, image_url, "
+                                       "input_audio or file"),
+]
+NO_TOOLS = "tool calls are not supported by this server"
+
+
+class ChatMessage(StrictModel):
+    """A message of the conversation. Text only: image, audio and file parts are refused, and
+    so are tool calls and tool results (this server has no tools)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    tool_calls: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
+    function_call: Annotated[dict[str, Any] | None, _neutral_only()] = None
+    content: Text | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
+        None, validate_default=True)
+    name: str | None = Field(None, description="Accepted and ignored.")
+    refusal: str | None = Field(None, description="Assistant messages: accepted and ignored.")
+    tool_call_id: Annotated[str | None, _neutral_only()] = None
+    audio: Annotated[dict[str, Any] | None, _neutral_only()] = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tool_results(cls, value: str) -> str:
+        if value in ("tool", "function"):
+            raise PydanticCustomError(
+                "unsupported_role", "'{role}' messages answer tool calls, which this server "
+                "does not support", {"role": value})
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_tool_calls(cls, value: object, info: ValidationInfo) -> object:
+        """Content is required but in an assistant message of tool calls (refused above)."""
+        known = info.data
+        if value is None and "role" in known and (known["role"] != "assistant" or (
+                "tool_calls" in known and "function_call" in known
+                and not known["tool_calls"] and known["function_call"] is None)):
+            raise PydanticCustomError("missing", "Field required")
+        return value
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text if isinstance(part, TextPart) else part.refusal
+                         for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -187,14 +301,33 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Deprecated alias of max_completion_tokens."
     )
-    logprobs: Annotated[bool | None, _neutral_only(False)] = None
-    top_logprobs: Annotated[int | None, _neutral_only()] = None
+    logprobs: bool | None = Field(
+        None, description="Each output token's log-probability under the target (before "
+                          "temperature and penalties).")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="With logprobs: this many likeliest tokens at each position.")
     tools: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
-    tool_choice: Annotated[str | dict[str, Any] | None, _neutral_only("none")] = None
-    parallel_tool_calls: Annotated[bool | None, _neutral_only()] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _neutral_only("none", "auto")] = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; there are no tools.")
     functions: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
-    function_call: Annotated[str | dict[str, Any] | None, _neutral_only("none")] = None
+    function_call: Annotated[str | dict[str, Any] | None, _neutral_only("none", "auto")] = None
     response_format: Annotated[dict[str, Any] | None, _neutral_only({"type": "text"})] = None
+    audio: Annotated[dict[str, Any] | None, _neutral_only()] = None
+    modalities: Annotated[list[str] | None, _neutral_only(["text"])] = None
+    reasoning_effort: Annotated[str | None, _neutral_only()] = None
+    verbosity: Annotated[str | None, _neutral_only("medium")] = None
+    web_search_options: Annotated[dict[str, Any] | None, _neutral_only()] = None
+    prediction: dict[str, Any] | None = Field(
+        None, description="Accepted and ignored: a predicted output only saves time, and "
+                          "speculative decoding already drafts.")
+    store: bool | None = Field(None, description="Accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM extension: variables for the chat template.")
 
     @field_validator("max_tokens")
     @classmethod
@@ -205,6 +338,14 @@ class ChatCompletionRequest(SamplingFields):
                 "conflicting_parameters",
                 "give 'max_completion_tokens' or its deprecated alias 'max_tokens', not both",
             )
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError(
+                "top_logprobs_without_logprobs", "'top_logprobs' needs 'logprobs' true")
         return value
 
     @property
@@ -269,10 +410,35 @@ class ResponseMetrics(BaseModel):
         description="null when the server decodes without a draft.")
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, logprob, likeliest tokens (the chosen one
+    among them) and where it starts in the choice's text; a first prompt token's entries null."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     stop_reason: str | int | None = Field(
         None, description="vLLM extension: the stop string or token id that ended the choice."
@@ -309,7 +475,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     stop_reason: str | int | None = None
 
@@ -335,7 +501,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     stop_reason: str | int | None = None
 

@@ -55,10 +55,29 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    min_tokens: int = 0  # no end-of-generation token or stop string before this many tokens
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # per output token: its logprob and this many likeliest tokens
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the target's raw distribution, and the likeliest tokens
+    there: (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,13 @@ class SpecDecodeCounts:
             return None
         return 1.0 + self.num_accepted_tokens / self.num_drafts
 
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Per draft position, the share of drafting steps whose token there was accepted."""
+        if self.num_drafts == 0:
+            return []
+        return [accepted / self.num_drafts for accepted in self.accepted_per_position]
+
     def copy(self) -> SpecDecodeCounts:
         return SpecDecodeCounts(
             self.num_drafts,
@@ -175,6 +201,10 @@ class Delta:
     # the engine's measured costs when the delta was made (None where it does not measure)
     draft_cost_ratio: float | None = None
     verify_cost_ratio: float | None = None
+    # with SamplingParams.logprobs: one per token of token_ids; with prompt_logprobs, on the
+    # first delta: one per prompt token, the first None (nothing scores it)
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

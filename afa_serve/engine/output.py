@@ -57,7 +57,9 @@ class OutputAssembler:
 
         text_before = len(self._text)
         self._text += self._decode_new(final=finish_reason is not None)
-        hit = self._find_stop_string(text_before)
+        # as vLLM: no stop string ends the output before min_tokens
+        hit = (self._find_stop_string(text_before)
+               if self.num_generated >= self._params.min_tokens else None)
         if hit is not None:
             position, stop = hit
             self._text = self._text[:position]
@@ -71,8 +73,10 @@ class OutputAssembler:
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens not decoded yet; held back while it ends in a partial character."""
         decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        skip = self._params.skip_special_tokens
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset],
+                        skip_special_tokens=skip)
+        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

@@ -33,8 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from afa_serve.engine.base import SpecDecodeCounts
+from afa_serve.engine.base import SpecDecodeCounts, TokenLogprob
+from afa_serve.engine.logprobs import token_logprobs
+from afa_serve.engine.penalties import adjust
 from afa_serve.engine.policy import RequestSpeculation, SpeculationMode, SpeculationPolicy
+from afa_serve.engine.prompt_lookup import PromptLookup
 from afa_serve.engine.verify import SamplingSettings, probabilities, sample, verify
 
 CALIBRATION_CONTEXT = 64  # tokens of context the start-up timings run on
@@ -47,6 +50,7 @@ class StepResult:
     tokens: list[int]  # the accepted drafted tokens, then the target's own token
     num_drafted: int
     num_accepted: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the sequence asks for them
 
 
 @dataclass
@@ -61,6 +65,8 @@ class SequenceState:
     draft_cache: DynamicCache | None
     spec: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
     speculation: RequestSpeculation = field(default_factory=RequestSpeculation)
+    num_logprobs: int | None = None  # likeliest tokens to report with each token's logprob
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token's is None
 
     @property
     def num_generated(self) -> int:
@@ -102,6 +108,7 @@ class SpeculativeDecoder:
         speculation: SpeculationMode = "fixed",
         confidence_threshold: float = 0.0,
         draft_vocab: Sequence[int] | None = None,
+        prompt_lookup: PromptLookup | None = None,
     ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
@@ -109,7 +116,9 @@ class SpeculativeDecoder:
             raise ValueError("confidence_threshold must lie in [0, 1)")
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
-        self.num_speculative_tokens = num_speculative_tokens if draft is not None else 0
+        self.prompt_lookup = prompt_lookup
+        drafting = draft is not None or prompt_lookup is not None
+        self.num_speculative_tokens = num_speculative_tokens if drafting else 0
         self.policy = SpeculationPolicy(speculation, self.num_speculative_tokens)
         self.confidence_threshold = confidence_threshold
         self._vocab_size = target.get_output_embeddings().weight.shape[0]
@@ -132,8 +141,11 @@ class SpeculativeDecoder:
         prompt_ids: list[int],
         settings: SamplingSettings,
         seed: int | None = None,
+        num_logprobs: int | None = None,
+        num_prompt_logprobs: int | None = None,
     ) -> SequenceState:
-        """Cache the prompt in the target (all but its last token); the draft catches up later."""
+        """Cache the prompt in the target (all but its last token); the draft catches up later.
+        With `num_prompt_logprobs`, score every prompt token but the first on the way."""
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
         generator = None
@@ -150,9 +162,17 @@ class SpeculativeDecoder:
             generator=generator,
             target_cache=DynamicCache(config=self.target.config),
             draft_cache=DynamicCache(config=self.draft.config) if self.draft is not None else None,
+            num_logprobs=num_logprobs,
         )
+        scored = num_prompt_logprobs is not None
         if len(prompt_ids) > 1:
-            _forward(self.target, state.target_cache, prompt_ids[:-1], logits_to_keep=1)
+            logits = _forward(self.target, state.target_cache, prompt_ids[:-1],
+                              logits_to_keep=0 if scored else 1)  # 0: every row
+            if scored:
+                state.prompt_logprobs = [None, *token_logprobs(logits, prompt_ids[1:],
+                                                               num_prompt_logprobs)]
+        elif scored:
+            state.prompt_logprobs = [None]
         return state
 
     @torch.inference_mode()
@@ -160,8 +180,7 @@ class SpeculativeDecoder:
         """Advance `state` by 1 .. k + 1 tokens, never more than `max_new_tokens`."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        k = min(self.policy.choose(state.speculation), max_new_tokens - 1)
-        drafted, draft_probs = self._propose(state, k)
+        k, drafted, draft_probs, looked_up = self._proposal(state, max_new_tokens - 1)
         proposed = time.perf_counter()
 
         known = len(state.token_ids)
@@ -169,17 +188,49 @@ class SpeculativeDecoder:
             self.target, state.target_cache, [state.token_ids[-1], *drafted],
             logits_to_keep=len(drafted) + 1,
         )
-        result = verify(drafted, draft_probs, target_logits, state.settings, state.generator)
+        adjusted = adjust(target_logits, state.settings.adjustments, state.token_ids + drafted,
+                          state.num_prompt_tokens)
+        result = verify(drafted, draft_probs, adjusted, state.settings, state.generator)
         self.policy.costs.observe_target(len(drafted) + 1, time.perf_counter() - proposed)
-        self.policy.record(state.speculation, k, len(drafted), result.num_accepted)
+        self.policy.record(state.speculation, k, len(drafted), result.num_accepted, looked_up)
 
         new_tokens = drafted[: result.num_accepted] + [result.next_token]
+        logprobs = None
+        if state.num_logprobs is not None:  # the target's raw distribution, as plain decoding's
+            logprobs = token_logprobs(target_logits, new_tokens, state.num_logprobs)
         state.token_ids.extend(new_tokens)
         state.spec.add_step(len(drafted), result.num_accepted)
         _truncate(state.target_cache, known + result.num_accepted)
         if state.draft_cache is not None:
             _truncate(state.draft_cache, known + result.num_accepted)
-        return StepResult(new_tokens, len(drafted), result.num_accepted)
+        return StepResult(new_tokens, len(drafted), result.num_accepted, logprobs)
+
+    def _proposal(
+        self, state: SequenceState, max_k: int
+    ) -> tuple[int, list[int], torch.Tensor | None, bool]:
+        """The step's k and drafted tokens (with their distributions when sampling), and
+        whether prompt lookup drafted them: its continuation when it finds one and the policy
+        takes it, else the draft model's."""
+        if self.prompt_lookup is not None:
+            found = self.prompt_lookup.propose(state.token_ids, min(self.num_speculative_tokens,
+                                                                    max_k))
+            k = self.policy.choose_lookup(state.speculation, len(found)) if found else 0
+            if k:
+                drafted = found[:k]
+                return k, drafted, self._point_masses(drafted, state.settings), True
+        if self.draft is None:
+            return 0, [], None, False
+        k = min(self.policy.choose(state.speculation), max_k)
+        drafted, draft_probs = self._propose(state, k)
+        return k, drafted, draft_probs, False
+
+    def _point_masses(self, tokens: list[int], settings: SamplingSettings) -> torch.Tensor | None:
+        """The distributions a deterministic proposer drew `tokens` from (sampling only)."""
+        if settings.greedy:
+            return None
+        masses = torch.zeros(len(tokens), self._vocab_size, device=self.target.device)
+        masses[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+        return masses
 
     def _draft_logits(self, cache: DynamicCache, token_ids: list[int]) -> torch.Tensor:
         """The draft's logits for the token after `token_ids`: over `draft_vocab` when set."""
@@ -205,7 +256,7 @@ class SpeculativeDecoder:
         probs: list[torch.Tensor] = []
         for _ in range(k):
             started = time.perf_counter()
-            logits = self._draft_logits(state.draft_cache, pending)
+            logits = self._adjusted(self._draft_logits(state.draft_cache, pending), state, drafted)
             if settings.greedy:
                 index = int(logits.argmax().item())
                 token_probs = None
@@ -228,6 +279,20 @@ class SpeculativeDecoder:
             pending = [token]
         return drafted, _stacked(probs)
 
+    def _adjusted(self, logits: torch.Tensor, state: SequenceState,
+                  drafted: list[int]) -> torch.Tensor:
+        """The draft's logits after the penalties the target's get, with the same history."""
+        adjustments = state.settings.adjustments
+        if not adjustments.active:
+            return logits
+        history = state.token_ids + drafted
+        if self._draft_ids is None:
+            return adjust(logits[None], adjustments, history, state.num_prompt_tokens)[0]
+        full = torch.full((self._vocab_size,), float("-inf"), device=logits.device)
+        full[self._draft_ids] = logits.float()
+        adjusted = adjust(full[None], adjustments, history, state.num_prompt_tokens)[0]
+        return adjusted.index_select(0, self._draft_ids)
+
     def _full_vocab(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over the draft's trimmed vocabulary, spread over the target's."""
         if self._draft_ids is None:
@@ -237,9 +302,10 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def calibrate(self) -> None:
-        """Time target passes of 1 .. k + 1 tokens and one draft forward on a short random
-        context (medians of a few runs): the policy's costs until live steps refine them."""
-        if self.draft is None or self.num_speculative_tokens == 0:
+        """Time target passes of 1 .. k + 1 tokens and one draft forward (with a draft model)
+        on a short random context (medians of a few runs): the policy's costs until live steps
+        refine them."""
+        if self.num_speculative_tokens == 0:
             return
         generator = torch.Generator().manual_seed(0)
         context = torch.randint(self._vocab_size, (CALIBRATION_CONTEXT,),
@@ -262,8 +328,9 @@ class SpeculativeDecoder:
                 self.target, cache, extra[:n], logits_to_keep=n).argmax(-1).tolist())
             for n in range(1, self.num_speculative_tokens + 2)
         ]
-        self.policy.costs.draft_forward_s = median_seconds(
-            self.draft, lambda cache: int(self._draft_logits(cache, extra[:1]).argmax().item()))
+        if self.draft is not None:
+            self.policy.costs.draft_forward_s = median_seconds(self.draft, lambda cache: int(
+                self._draft_logits(cache, extra[:1]).argmax().item()))
 
     def generate(
         self,

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -29,10 +28,11 @@ from afa_serve.engine.base import (
     ModelInfo,
     QueueFullError,
     RequestTimings,
+    SamplingParams,
 )
-from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, DraftVocab, read_draft_vocab
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.draft_vocab import DraftVocab, read_draft_vocab
 from afa_serve.engine.loading import (
-    DTypeName,
     check_draft_compatible,
     eos_token_ids,
     load_model,
@@ -42,29 +42,12 @@ from afa_serve.engine.loading import (
     resolve_dtype,
 )
 from afa_serve.engine.output import OutputAssembler
-from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD, SpeculationMode
+from afa_serve.engine.penalties import LogitAdjustments
 from afa_serve.engine.speculative import SequenceState, SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
 from afa_serve.models.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
-
-
-class TorchEngineConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    target: str = Field(description="HF id, local folder or packaged name of the target model")
-    draft: str | None = Field(None, description="the draft model; None decodes plainly")
-    num_speculative_tokens: int = Field(4, ge=0, le=32)
-    speculation: SpeculationMode = "adaptive"
-    confidence_threshold: float = Field(DEFAULT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0)
-    draft_vocab_size: int = Field(DEFAULT_DRAFT_VOCAB_SIZE, ge=0)
-    served_model_name: str | None = None
-    dtype: DTypeName = "auto"
-    device: str = "auto"
-    max_model_len: int | None = Field(None, ge=2)
-    max_num_seqs: int = Field(8, ge=1)
-    max_queue: int = Field(64, ge=0)
 
 
 @dataclass
@@ -90,7 +73,7 @@ class _Sequence:
 class TorchEngine:
     """Implements `afa_serve.engine.base.Engine` on Hugging Face models."""
 
-    def __init__(self, config: TorchEngineConfig):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self._decoder: SpeculativeDecoder | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -110,12 +93,12 @@ class TorchEngine:
         target: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         draft: PreTrainedModel | None = None,
-        config: TorchEngineConfig | None = None,
+        config: EngineConfig | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | None = None,
         draft_vocab: DraftVocab | None = None,
     ) -> TorchEngine:
         """An engine over models already in memory (tests, notebooks, the trainer's eval)."""
-        config = config or TorchEngineConfig(target=target.name_or_path or "target")
+        config = config or EngineConfig(target=target.name_or_path or "target")
         engine = cls(config)
         engine._adopt(target, tokenizer, draft, draft_tokenizer or tokenizer, draft_vocab)
         return engine
@@ -272,6 +255,13 @@ class TorchEngine:
             raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
         if params.top_k < -1:
             raise InvalidRequestError("top_k must be -1, 0 or positive", param="top_k")
+        if not 0 <= params.min_p <= 1:
+            raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
+        if params.repetition_penalty <= 0:
+            raise InvalidRequestError("repetition_penalty must be > 0", "repetition_penalty")
+        if any(t < 0 or t >= vocab_size for t, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab_size})",
+                                      param="logit_bias")
 
     def _admit(self, request: GenerationRequest) -> _Sequence:
         self._validate(request)
@@ -356,14 +346,18 @@ class TorchEngine:
         """Prefill a new sequence or take one speculative step; return the delta."""
         request, decoder = sequence.request, self._decoder
         params = request.params
+        first = sequence.state is None
         if sequence.state is None:
-            settings = SamplingSettings(params.temperature, params.top_k, params.top_p)
-            sequence.state = decoder.prefill(list(request.prompt_token_ids), settings, params.seed)
+            sequence.state = decoder.prefill(
+                list(request.prompt_token_ids), self._settings(params), params.seed,
+                params.logprobs, params.prompt_logprobs)
             with self._lock:
                 self._stats.prompt_tokens += len(request.prompt_token_ids)
         state = sequence.state
         step = decoder.step(state, params.max_tokens - sequence.output.num_generated)
         update = sequence.output.add(step.tokens)
+        logprobs = None if step.logprobs is None else tuple(
+            step.logprobs[: len(update.token_ids)])
         now = time.monotonic()
         if sequence.timings.first_token is None:
             sequence.timings.first_token = now
@@ -386,4 +380,20 @@ class TorchEngine:
             draft_cost_ratio=decoder.policy.costs.draft_cost_ratio,
             verify_cost_ratio=decoder.policy.costs.verify_cost_ratio(
                 decoder.num_speculative_tokens + 1),
+            logprobs=logprobs,
+            prompt_logprobs=(tuple(state.prompt_logprobs)
+                             if first and state.prompt_logprobs is not None else None),
         )
+
+    def _settings(self, params: SamplingParams) -> SamplingSettings:
+        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_ids)
+        adjustments = LogitAdjustments(
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias,
+            min_tokens=params.min_tokens,
+            end_token_ids=frozenset(end_ids),
+        )
+        return SamplingSettings(params.temperature, params.top_k, params.top_p, params.min_p,
+                                adjustments)

@@ -13,9 +13,11 @@ p exactly. p and q are both processed with the same temperature/top-k/top-p.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from afa_serve.engine.penalties import LogitAdjustments
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0  # 0 or negative: no top-k
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: none; else keep tokens at least min_p times the likeliest one
+    # penalties, bias, min_tokens: on the logits before all of the above
+    adjustments: LogitAdjustments = field(default_factory=LogitAdjustments)
 
     @property
     def greedy(self) -> bool:
@@ -38,7 +43,7 @@ class VerifyResult:
 
 
 def probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Softmax of `logits` (..., V) after temperature, top-k and top-p, in float32."""
+    """Softmax of `logits` (..., V) after temperature, top-k, top-p and min-p, in float32."""
     logits = logits.float() / settings.temperature
     vocab_size = logits.shape[-1]
     if 0 < settings.top_k < vocab_size:
@@ -52,7 +57,12 @@ def probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         outside = (mass_before >= settings.top_p) & (mass_before > 0)
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    if settings.min_p > 0.0:
+        floor = settings.min_p * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -32,7 +32,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -49,8 +48,15 @@ from afa_serve.engine.base import (
     RequestTimings,
     SamplingParams,
     SpecDecodeCounts,
+    TokenLogprob,
 )
-from afa_serve.engine.loading import DTypeName, IncompatibleDraftError, load_tokenizer
+from afa_serve.engine.config import CPU_MEMORY_UTILIZATION, EngineConfig
+from afa_serve.engine.loading import (
+    IncompatibleDraftError,
+    load_tokenizer,
+    resolve_dtype_name,
+    vocabulary_difference,
+)
 from afa_serve.engine.vllm_support import VllmUnavailableError, vllm_installed
 from afa_serve.models.resolve import resolve_model
 
@@ -58,10 +64,6 @@ if not vllm_installed():
     raise VllmUnavailableError("vLLM is not installed")
 
 logger = logging.getLogger(__name__)
-
-# On CPU, gpu_memory_utilization is the share of host memory vLLM reserves, and it refuses to
-# start unless that much is free: its GPU default (0.92) never is.
-CPU_MEMORY_UTILIZATION = 0.5
 
 # vLLM's finish reasons that end a request normally, as ours.
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -72,59 +74,11 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
-class VllmEngineConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    target: str = Field(description="HF id, local folder or packaged name of the target model")
-    draft: str | None = Field(None, description="the draft model; None decodes plainly")
-    num_speculative_tokens: int = Field(4, ge=0, le=32)
-    served_model_name: str | None = None
-    dtype: DTypeName = "auto"
-    device: str = Field("auto", description="auto, or the device vLLM's platform must be")
-    max_model_len: int | None = Field(None, ge=2)
-    max_num_seqs: int = Field(8, ge=1)
-    max_queue: int = Field(64, ge=0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    draft_tensor_parallel_size: int | None = Field(
-        None, ge=1, description="1 or tensor_parallel_size; None: vLLM's choice (the target's)"
-    )
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1,
-        description=f"None: vLLM's default on GPU, {CPU_MEMORY_UTILIZATION} on CPU (host memory)",
-    )
-    kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="KV cache size; when set, gpu_memory_utilization is not checked"
-    )
-    enforce_eager: bool = Field(False, description="no CUDA graphs / torch.compile")
-
-    @property
-    def speculative(self) -> bool:
-        return self.draft is not None and self.num_speculative_tokens > 0
-
-
 # -- checks before vLLM starts ---------------------------------------------------------------
 
 
-def vocabulary_difference(
-    target_tokenizer: PreTrainedTokenizerBase, draft_tokenizer: PreTrainedTokenizerBase
-) -> str | None:
-    """What differs between two tokenizers' vocabularies, or None if they are the same."""
-    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
-    if target_vocab == draft_vocab:
-        return None
-    differing = sorted(
-        token
-        for token in target_vocab.keys() | draft_vocab.keys()
-        if target_vocab.get(token) != draft_vocab.get(token)
-    )
-    return (
-        f"tokenizer vocabularies differ (target {len(target_vocab)} tokens, draft "
-        f"{len(draft_vocab)}; {len(differing)} entries differ, e.g. {differing[:5]})"
-    )
-
-
 def check_draft_pairing(
-    config: VllmEngineConfig,
+    config: EngineConfig,
     target_tokenizer: PreTrainedTokenizerBase,
     draft_tokenizer: PreTrainedTokenizerBase,
     target_config: Any,
@@ -242,7 +196,7 @@ def request_spec_counts(metrics: Any) -> SpecDecodeCounts:
 class VllmEngine:
     """Implements `afa_serve.engine.base.Engine` on vLLM's `AsyncLLM`."""
 
-    def __init__(self, config: VllmEngineConfig):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -291,11 +245,12 @@ class VllmEngine:
         if len(self._active) >= capacity:
             raise QueueFullError(
                 f"the server is at capacity ({len(self._active)} requests); retry shortly")
-        params = self._sampling_params(request.params)
+        params = self._sampling_params(request.params, self.config.speculative)
         timings = RequestTimings(arrival=request.arrival_time)
         self._active.add(request.request_id)  # no await since the checks: admission is exact
         outputs: Any = None
         generated = 0
+        first = True
         try:
             engine_input = await self._engine_input(request.prompt_token_ids)
             outputs = llm.generate(engine_input, params, request.request_id)
@@ -321,7 +276,14 @@ class VllmEngine:
                     spec=spec,
                     timings=timings,
                     stop_reason=completion.stop_reason,
+                    logprobs=(None if request.params.logprobs is None else _logprobs(
+                        completion.token_ids, completion.logprobs, request.params.logprobs)),
+                    prompt_logprobs=(_prompt_logprobs(
+                        request.prompt_token_ids, output.prompt_logprobs,
+                        request.params.prompt_logprobs)
+                        if first and request.params.prompt_logprobs is not None else None),
                 )
+                first = False
                 if finish_reason is not None:
                     return
         finally:
@@ -364,9 +326,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         config = self.config
-        dtype = config.dtype
-        if dtype == "auto":  # as the torch engine: exact float32 on CPU, bfloat16 on GPU
-            dtype = "float32" if device_type == "cpu" else "bfloat16"
+        dtype = resolve_dtype_name(config.dtype, device_type)
         memory = config.gpu_memory_utilization
         if memory is None and device_type == "cpu":
             memory = CPU_MEMORY_UTILIZATION
@@ -437,11 +397,17 @@ class VllmEngine:
     # -- requests --------------------------------------------------------------------------
 
     @staticmethod
-    def _sampling_params(params: SamplingParams) -> Any:
+    def _sampling_params(params: SamplingParams, speculative: bool) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
+        if speculative:  # vLLM refuses them with a draft, without naming them
+            for name, unsupported in (("min_p", params.min_p > 0), ("logit_bias",
+                                                                     bool(params.logit_bias))):
+                if unsupported:
+                    raise InvalidRequestError(
+                        f"{name} is not supported by vLLM's speculative decoding", name)
         try:
             return VllmSamplingParams(
                 max_tokens=params.max_tokens,
@@ -452,6 +418,15 @@ class VllmEngine:
                 stop=list(params.stop),
                 stop_token_ids=list(params.stop_token_ids),
                 ignore_eos=params.ignore_eos,
+                min_p=params.min_p,
+                repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=dict(params.logit_bias) or None,
+                min_tokens=params.min_tokens,
+                skip_special_tokens=params.skip_special_tokens,
+                logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
                 output_kind=RequestOutputKind.DELTA,
             )
         except (VLLMValidationError, ValueError) as error:  # a ValueError up to 0.24, not in 0.32
@@ -504,3 +479,25 @@ class VllmEngine:
                 timings.scheduled = scheduled
         if has_tokens and timings.first_token is None:
             timings.first_token = now
+
+
+
+def _token_logprob(token_id: int, ranked: dict[int, Any], num_top: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob(logprob, rank, ...)} at one position (the `num_top` likeliest
+    tokens and the chosen one) as ours."""
+    top = sorted((entry.rank, token, entry.logprob) for token, entry in ranked.items()
+                 if entry.rank is not None and entry.rank <= num_top)
+    return TokenLogprob(token_id, ranked[token_id].logprob,
+                        tuple((token, logprob) for _, token, logprob in top))
+
+
+def _logprobs(token_ids: Any, logprobs: Any, num_top: int) -> tuple[TokenLogprob, ...]:
+    return tuple(_token_logprob(token, ranked, num_top)
+                 for token, ranked in zip(token_ids, logprobs or (), strict=True))
+
+
+def _prompt_logprobs(prompt_ids: tuple[int, ...], logprobs: Any,
+                     num_top: int) -> tuple[TokenLogprob | None, ...]:
+    """vLLM's prompt logprobs (the first None) as ours."""
+    return (None, *(_token_logprob(token, ranked, num_top)
+                    for token, ranked in zip(prompt_ids[1:], list(logprobs)[1:], strict=True)))
