@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -12,20 +11,17 @@ from typing import Annotated
 
 import torch
 import typer
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from afa_serve.atomic import write_json
+from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.base import SpecDecodeCounts
+from afa_serve.engine.config import DEFAULT_MODEL
 from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, read_draft_vocab
-from afa_serve.engine.loading import (
-    check_draft_compatible,
-    eos_token_ids,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from afa_serve.engine.loading import DeviceName, DTypeName, load_target_and_draft
 from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
@@ -67,29 +63,30 @@ def machine_description() -> dict:
     }
 
 
-def bench_command(
-    target: Annotated[str, typer.Option(help="Target: HF id, local folder or packaged name.")]
-    = "smollm2-135m-instruct",
-    draft: Annotated[str, typer.Option(help="Draft model with the target's tokenizer.")] = ...,
-    prompts: Annotated[str, typer.Option(
-        help="JSONL (`prompt` or `messages`), plain text (one a line), or a named set "
-             "(mt-bench, alpaca-eval, ...; NAME:N mixes)."
-    )] = "mt-bench",
-    num_speculative_tokens: Annotated[int, typer.Option(
-        "--num-speculative-tokens", "-k", help="The most tokens the draft proposes per step.")]
-    = 4,
-    confidence_threshold: Annotated[float, typer.Option(
-        help="The default policy's confidence stop.")] = DEFAULT_CONFIDENCE_THRESHOLD,
-    draft_vocab_size: Annotated[int, typer.Option(
-        help="The default policy's trimmed draft head (0: whole vocabulary; used only when the "
-             "draft folder has a draft_vocab.json).")] = DEFAULT_DRAFT_VOCAB_SIZE,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
-    num_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = 20,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (outputs compared).")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of prompt i is seed + i when sampling.")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16.")]
-    = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str = Field(DEFAULT_MODEL, description=TARGET_HELP)
+    draft: str = Field(description="Draft model with the target's tokenizer.")
+    prompts: str = Field("mt-bench", description=PROMPTS_HELP)
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=32, description="The most tokens the draft proposes per step.")
+    confidence_threshold: float = Field(
+        DEFAULT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0,
+        description="The default policy's confidence stop.")
+    draft_vocab_size: int = Field(
+        DEFAULT_DRAFT_VOCAB_SIZE, ge=0, description="The default policy's trimmed draft head "
+        "(0: whole vocabulary; used only when the draft folder has a draft_vocab.json).")
+    max_new_tokens: int = Field(64, ge=1, description="New tokens per prompt.")
+    limit: int | None = Field(20, ge=1, description="Use only the first N prompts.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (outputs compared).")
+    seed: int = Field(0, description="Seed of prompt i is seed + i when sampling.")
+    dtype: DTypeName = Field("auto", description=DTYPE_HELP)
+    device: DeviceName = Field("auto", description=DEVICE_HELP)
+
+
+def bench(
+    config: BenchConfig,
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
 ) -> None:
     """Decode the same prompts three ways, interleaved prompt by prompt: plain, fixed k (the
@@ -98,25 +95,22 @@ def bench_command(
 
     Greedy by default, so the outputs must be identical: the table says how many are.
     """
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)  # type: ignore[arg-type]
-    tokenizer = load_tokenizer(target)
-    target_model = load_model(target, torch_dtype, torch_device)
-    draft_model = load_model(draft, torch_dtype, torch_device)
-    check_draft_compatible(target_model, tokenizer, draft_model, load_tokenizer(draft))
-    prompt_ids = [prompt_token_ids(p, tokenizer) for p in load_prompts(prompts, num_prompts)]
-    settings = SamplingSettings(temperature=temperature)
-    eos = eos_token_ids(target_model, tokenizer)
-    vocab = read_draft_vocab(resolve_model(draft))
-    head_ids = vocab.head_ids(draft_vocab_size, eos) if vocab and draft_vocab_size else None
+    models = load_target_and_draft(config.target, config.draft, config.dtype, config.device)
+    target_model, draft_model, tokenizer = models.target, models.draft, models.tokenizer
+    prompt_ids = [prompt_token_ids(p, tokenizer) for p in load_prompts(config.prompts, config.limit)]
+    settings = SamplingSettings(temperature=config.temperature)
+    eos = models.eos
+    vocab = read_draft_vocab(resolve_model(config.draft))
+    size = config.draft_vocab_size
+    head_ids = vocab.head_ids(size, eos) if vocab and size else None
 
-    k = num_speculative_tokens
+    k = config.num_speculative_tokens
     decoders = {
         "plain": SpeculativeDecoder(target_model),
         "fixed": SpeculativeDecoder(target_model, draft_model, k, speculation="fixed"),
         "default": SpeculativeDecoder(
             target_model, draft_model, k, speculation="adaptive",
-            confidence_threshold=confidence_threshold, draft_vocab=head_ids),
+            confidence_threshold=config.confidence_threshold, draft_vocab=head_ids),
     }
     for decoder in decoders.values():
         decoder.calibrate()
@@ -125,8 +119,8 @@ def bench_command(
     for index, ids in enumerate(track(prompt_ids, description="plain / fixed / default",
                                       transient=True)):
         for name, decoder in decoders.items():
-            runs[name].decode(decoder, ids, max_tokens, settings, eos,
-                              None if settings.greedy else seed + index)
+            runs[name].decode(decoder, ids, config.max_new_tokens, settings, eos,
+                              None if settings.greedy else config.seed + index)
 
     plain, fixed, default = runs["plain"], runs["fixed"], runs["default"]
     results = {
@@ -142,24 +136,22 @@ def bench_command(
         "greedy_identical": _identical(plain, default) if settings.greedy else None,
         "fixed_k_greedy_identical": _identical(plain, fixed) if settings.greedy else None,
         "draft_vocab_size": decoders["default"].draft_vocab_size,
-        "draft_vocab_coverage": vocab.coverage(draft_vocab_size) if head_ids else None,
+        "draft_vocab_coverage": vocab.coverage(size) if head_ids else None,
         **_acceptance("", default.spec),
         **_acceptance("fixed_k_", fixed.spec),
         "plain_tokens": plain.num_tokens,
         "spec_tokens": default.num_tokens,
         "settings": {
-            "target": target, "draft": draft, "prompts": prompts, "k": k,
-            "confidence_threshold": confidence_threshold, "max_tokens": max_tokens,
-            "temperature": temperature, "dtype": str(torch_dtype), "device": str(torch_device),
+            "target": config.target, "draft": config.draft, "prompts": config.prompts, "k": k,
+            "confidence_threshold": config.confidence_threshold,
+            "max_tokens": config.max_new_tokens, "temperature": config.temperature,
+            "dtype": str(models.dtype), "device": str(models.device),
         },
         "machine": machine_description(),
     }
     _print_table(results)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_suffix(out.suffix + ".tmp")
-        temporary.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(temporary, out)
+        write_json(out, results)
 
 
 def _identical(a: RunResult, b: RunResult) -> int:
@@ -171,8 +163,7 @@ def _acceptance(prefix: str, spec: SpecDecodeCounts) -> dict:
     return {
         f"{prefix}acceptance_rate": spec.acceptance_rate,
         f"{prefix}mean_acceptance_length": spec.mean_acceptance_length,
-        f"{prefix}acceptance_per_position": (
-            [n / spec.num_drafts for n in spec.accepted_per_position] if spec.num_drafts else []),
+        f"{prefix}acceptance_per_position": spec.acceptance_per_position,
         f"{prefix}steps_by_draft_length": spec.steps_by_draft_length,
     }
 

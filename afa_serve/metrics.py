@@ -157,8 +157,8 @@ class RequestObserver:
         now = time.monotonic() if now is None else now
         timings, metrics = delta.timings, self._metrics
         if self._last_chunk_at is None:
-            if timings.scheduled is not None:
-                metrics.queue_time.observe(timings.scheduled - timings.arrival)
+            if timings.queue_time_s is not None:
+                metrics.queue_time.observe(timings.queue_time_s)
             if timings.first_token is not None:
                 metrics.time_to_first_token.observe(timings.first_token - timings.arrival)
         elif delta.token_ids:

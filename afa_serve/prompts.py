@@ -53,16 +53,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from afa_serve.atomic import write_json
 from afa_serve.models import packages
 from afa_serve.models.cache import cache_root
 
@@ -470,15 +469,7 @@ def _sharegpt_set(name: str) -> list[Prompt]:
 def _write_json(path: Path, data: Any) -> None:
     """Write `data` to `path` atomically; quietly not where the cache dir is read-only."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as writer:
-                json.dump(data, writer, ensure_ascii=False)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_json(path, data)
     except OSError:
         pass  # parsed again next time
 

@@ -30,7 +30,8 @@ import torch
 from afa_serve.api import create_app
 from afa_serve.api.server import serving_in_thread
 from afa_serve.engine.base import GenerationRequest, SamplingParams
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.prompts import Prompt, load_prompts, prompt_token_ids
 
 MODES = ("engine", "server", "server_stream")
@@ -149,7 +150,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = TorchEngineConfig(target=args.target, draft=args.draft,
+    config = EngineConfig(target=args.target, draft=args.draft,
                                num_speculative_tokens=args.num_speculative_tokens,
                                dtype=args.dtype, max_num_seqs=1)
     engine = TorchEngine(config)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from draft_training.atomic import recover_jsonl
+from afa_serve.atomic import recover_jsonl
 
 IGNORE_INDEX = -100
 

@@ -52,10 +52,10 @@ from rich.progress import (
 )
 from torch.optim.lr_scheduler import LambdaLR
 
+from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
 from afa_serve.engine.loading import resolve_device
 from draft_training.afa_lora import set_lambda
 from draft_training.agreement import heldout_agreement
-from draft_training.atomic import append_jsonl, atomic_file, recover_jsonl
 from draft_training.examples import IGNORE_INDEX, Batch, Example, collate, load_examples
 from draft_training.run import (
     FitConfig,

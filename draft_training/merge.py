@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from afa_serve.atomic import atomic_directory, recover_jsonl
 from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import merge
-from draft_training.atomic import atomic_directory, recover_jsonl
 from draft_training.examples import collate, load_examples
 from draft_training.run import Method, read_config, trained_model
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from draft_training.atomic import atomic_file
+from afa_serve.atomic import atomic_file
 
 SHARD_PATTERN = re.compile(r"^(\d{5,})\.safetensors$")
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from afa_serve.engine.loading import generation_end_ids
+from afa_serve.engine.loading import generation_end_ids, resolve_dtype_name
 from afa_serve.engine.vllm_support import require_vllm
 from afa_serve.models.resolve import resolve_model
 from draft_training.generate import GenerateConfig, Generated
@@ -47,8 +47,7 @@ class VllmGenerator:
         # On CPU vLLM would size its KV cache from host memory (and refuse its GPU default share
         # of it): a fixed cache, ample for a batch of responses, starts beside other engines.
         memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if current_platform.is_cpu() else {}
-        # "auto" as the torch path resolves it: float32 on CPU (vLLM would take the model's own).
-        dtype = "float32" if config.dtype == "auto" and current_platform.is_cpu() else config.dtype
+        dtype = resolve_dtype_name(config.dtype, "cpu" if current_platform.is_cpu() else "cuda")
         self.top_k = config.top_k_logprobs
         logprobs = (
             {"logprobs_mode": "raw_logprobs", "max_logprobs": max(20, self.top_k)}

@@ -22,7 +22,8 @@ from afa_serve.api import ApiOptions, create_app
 from afa_serve.api.server import serving_in_thread
 from afa_serve.api.state import ServerState
 from afa_serve.engine.base import GenerationRequest, SamplingParams
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from tests.conftest import tiny_llama, truncated_copy
 
 TINY = "tiny-llama"
@@ -41,7 +42,7 @@ def tiny_engine(
     target = tiny_llama(vocab_size=len(tokenizer), layers=2, seed=0)
     target.config.max_position_embeddings = max_model_len  # RoPE itself has no limit
     draft = truncated_copy(target, 1) if k else None
-    config = TorchEngineConfig(
+    config = EngineConfig(
         target=TINY, draft=f"{TINY}-draft" if k else None, num_speculative_tokens=k,
         served_model_name=TINY, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_queue=max_queue, speculation=speculation, confidence_threshold=0.0,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from afa_serve.engine.base import GenerationRequest, SamplingParams
+from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.draft_vocab import count_tokens, read_draft_vocab, write_draft_vocab
 from afa_serve.engine.policy import (
     MAX_PROBE_INTERVAL,
@@ -20,7 +21,7 @@ from afa_serve.engine.policy import (
     SpeculationPolicy,
 )
 from afa_serve.engine.speculative import SpeculativeDecoder
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.engine.verify import SamplingSettings
 from tests.conftest import tiny_llama, tiny_tokenizer
 from tests.test_verify import (
@@ -236,7 +237,7 @@ async def test_the_engine_reports_costs_and_draft_lengths():
     target = tiny_llama(layers=2, seed=0)
     engine = TorchEngine.from_models(
         target, tiny_tokenizer(), tiny_llama(layers=2, seed=0),
-        TorchEngineConfig(target="tiny", num_speculative_tokens=3, confidence_threshold=0.0))
+        EngineConfig(target="tiny", num_speculative_tokens=3, confidence_threshold=0.0))
     await engine.start()
     try:
         request = GenerationRequest("a", (1, 2, 3), SamplingParams(

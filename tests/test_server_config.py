@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from afa_serve.cli import app, build_engine, load_serve_config
-from afa_serve.config import DEFAULT_MODEL, ConfigFileError, ServeConfig
+from afa_serve.config import ConfigFileError, ServeConfig
+from afa_serve.engine.config import DEFAULT_MODEL, EngineConfig
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +71,15 @@ def test_malformed_config_files_are_refused(tmp_path, content):
         ServeConfig(config=tmp_path / "missing.yaml")
 
 
-def test_the_cli_exits_2_on_invalid_settings_before_loading_anything():
-    result = CliRunner().invoke(app, ["serve", "--port", "0", "--engine", "nope"])
+@pytest.mark.parametrize("flags, problem", [
+    (["--port", "0"], "--port"),
+    (["--engine", "nope"], "--engine"),
+    (["--device", "gpu0"], "device"),  # checked by the model, not the parser
+])
+def test_the_cli_exits_2_on_invalid_settings_before_loading_anything(flags, problem):
+    result = CliRunner().invoke(app, ["serve", *flags])
     assert result.exit_code == 2
-    assert "port" in result.output and "engine" in result.output
+    assert problem in result.output
 
 
 def test_build_engine_hands_the_settings_to_the_torch_engine():
@@ -88,13 +94,15 @@ def test_build_engine_hands_the_settings_to_the_torch_engine():
         "some/model", "some/draft", 3, 7, "m")
 
 
-def test_vllm_only_settings_reach_only_the_vllm_engine(caplog):
+def test_both_engines_get_the_same_engine_config_and_a_warning_for_the_other_engines_settings(
+    caplog,
+):
     config = ServeConfig(engine="torch", target="some/model", enforce_eager=True,
                          kv_cache_memory_bytes=1 << 28, tensor_parallel_size=2)
-    assert config.engine_settings("vllm")["kv_cache_memory_bytes"] == 1 << 28
-    assert config.engine_settings("vllm")["enforce_eager"] is True
-    assert not {"enforce_eager", "kv_cache_memory_bytes", "tensor_parallel_size",
-                "gpu_memory_utilization"} & config.engine_settings("torch").keys()
+    engine_config = config.engine_config()
+    assert type(engine_config) is EngineConfig
+    assert engine_config.kv_cache_memory_bytes == 1 << 28 and engine_config.enforce_eager
+    assert config.ignored_by("vllm") == []
     with caplog.at_level("WARNING"):
         build_engine(config)
     assert "enforce_eager, kv_cache_memory_bytes, tensor_parallel_size" in caplog.text

@@ -9,7 +9,8 @@ import concurrent.futures
 import pytest
 import torch
 
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from tests.api_harness import chat_prompt_ids, running_server
 
 MAX_TOKENS = 24
@@ -20,7 +21,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France? Answer in on
 
 @pytest.fixture(scope="module")
 def server(real_target, real_draft, real_tokenizer):
-    config = TorchEngineConfig(target=NAME, draft=f"{NAME}-2l", num_speculative_tokens=4,
+    config = EngineConfig(target=NAME, draft=f"{NAME}-2l", num_speculative_tokens=4,
                                served_model_name=NAME, max_num_seqs=4)
     engine = TorchEngine.from_models(real_target, real_tokenizer, real_draft, config=config)
     with running_server(engine) as running:

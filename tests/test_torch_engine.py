@@ -12,9 +12,10 @@ from afa_serve.engine.base import (
     QueueFullError,
     SamplingParams,
 )
+from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.loading import IncompatibleDraftError
 from afa_serve.engine.speculative import SpeculativeDecoder
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.engine.verify import SamplingSettings
 from tests.conftest import tiny_llama, tiny_tokenizer
 
@@ -28,7 +29,7 @@ def make_engine(draft=True, k=3, speculation="fixed", confidence_threshold=0.0,
     draft_model = tiny_llama(layers=1, seed=1) if draft else None
     return TorchEngine.from_models(
         target, tiny_tokenizer(), draft_model,
-        TorchEngineConfig(target="tiny", num_speculative_tokens=k, speculation=speculation,
+        EngineConfig(target="tiny", num_speculative_tokens=k, speculation=speculation,
                           confidence_threshold=confidence_threshold, **config),
     )
 

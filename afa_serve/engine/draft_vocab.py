@@ -15,11 +15,12 @@ a full-vocabulary model that any engine (vLLM included) loads as it is.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from afa_serve.atomic import write_json
 
 FILE_NAME = "draft_vocab.json"
 FORMAT = 1
@@ -55,14 +56,12 @@ def count_tokens(responses: Iterable[Iterable[int]]) -> DraftVocab:
 
 def write_draft_vocab(folder: Path, vocab: DraftVocab) -> Path:
     path = Path(folder) / FILE_NAME
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({
+    write_json(path, {
         "format": FORMAT,
         "token_ids": list(vocab.token_ids),
         "counts": list(vocab.counts),
         "total_tokens": vocab.total_tokens,
-    }))
-    os.replace(temporary, path)
+    })
     return path
 
 

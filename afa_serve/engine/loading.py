@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,11 +25,16 @@ def resolve_device(device: DeviceName | str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA, float32 on CPU (exact greedy equality holds best in float32)."""
+def resolve_dtype_name(dtype: DTypeName, device_type: str) -> str:
+    """`auto`: bfloat16 on CUDA, float32 elsewhere (exact greedy equality holds best in float32);
+    the one rule, for both engines and the trainer."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
+
+
+def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
+    return getattr(torch, resolve_dtype_name(dtype, device.type))
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -60,6 +66,24 @@ def generation_end_ids(
     return frozenset(ids)
 
 
+def vocabulary_difference(
+    target_tokenizer: PreTrainedTokenizerBase, draft_tokenizer: PreTrainedTokenizerBase
+) -> str | None:
+    """What differs between two tokenizers' vocabularies, or None if they are the same."""
+    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if target_vocab == draft_vocab:
+        return None
+    differing = sorted(
+        token
+        for token in target_vocab.keys() | draft_vocab.keys()
+        if target_vocab.get(token) != draft_vocab.get(token)
+    )
+    return (
+        f"tokenizer vocabularies differ (target {len(target_vocab)} tokens, draft "
+        f"{len(draft_vocab)}; {len(differing)} entries differ, e.g. {differing[:5]})"
+    )
+
+
 def check_draft_compatible(
     target: PreTrainedModel,
     target_tokenizer: PreTrainedTokenizerBase,
@@ -67,18 +91,8 @@ def check_draft_compatible(
     draft_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     """Refuse a draft whose tokens do not mean what the target's do, saying what differs."""
-    problems: list[str] = []
-    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
-    if target_vocab != draft_vocab:
-        differing = sorted(
-            token
-            for token in target_vocab.keys() | draft_vocab.keys()
-            if target_vocab.get(token) != draft_vocab.get(token)
-        )
-        problems.append(
-            f"tokenizer vocabularies differ (target {len(target_vocab)} tokens, draft "
-            f"{len(draft_vocab)}; {len(differing)} entries differ, e.g. {differing[:5]})"
-        )
+    problems = [difference] if (difference := vocabulary_difference(
+        target_tokenizer, draft_tokenizer)) else []
     target_logits = target.get_output_embeddings().weight.shape[0]
     draft_logits = draft.get_output_embeddings().weight.shape[0]
     if target_logits != draft_logits:
@@ -89,6 +103,33 @@ def check_draft_compatible(
         raise IncompatibleDraftError(
             "the draft model cannot be used with this target: " + "; ".join(problems)
         )
+
+
+@dataclass(frozen=True)
+class TargetAndDraft:
+    """A target and a draft checked to pair, on one device in one dtype."""
+
+    target: PreTrainedModel
+    draft: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase  # the target's (the draft's means the same)
+    eos: frozenset[int]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_target_and_draft(
+    target: str, draft: str, dtype: DTypeName, device: DeviceName | str
+) -> TargetAndDraft:
+    """Load both models as named (id, folder or packaged name); refuse a draft that does not
+    pair with the target."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = load_tokenizer(target)
+    target_model = load_model(target, torch_dtype, torch_device)
+    draft_model = load_model(draft, torch_dtype, torch_device)
+    check_draft_compatible(target_model, tokenizer, draft_model, load_tokenizer(draft))
+    return TargetAndDraft(target_model, draft_model, tokenizer,
+                          eos_token_ids(target_model, tokenizer), torch_dtype, torch_device)
 
 
 def max_context_length(model: PreTrainedModel) -> int:

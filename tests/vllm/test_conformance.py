@@ -28,7 +28,8 @@ from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChatChunkChoice
 from pydantic import BaseModel
 
-from afa_serve.engine.torch_engine import TorchEngine, TorchEngineConfig
+from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.torch_engine import TorchEngine
 from tests.api_harness import running_server
 from tests.vllm.harness import (
     DTYPE,
@@ -363,7 +364,7 @@ def write_table(outcomes: dict[str, dict[str, Outcome]]) -> str:
 
 @pytest.fixture(scope="module")
 def torch_server(real_model_path, draft_path) -> Iterator[Any]:
-    config = TorchEngineConfig(
+    config = EngineConfig(
         target=str(real_model_path), draft=str(draft_path),
         num_speculative_tokens=NUM_SPECULATIVE_TOKENS, served_model_name=NAME, dtype=DTYPE,
         max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,

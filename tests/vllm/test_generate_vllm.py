@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from draft_training.atomic import recover_jsonl
+from afa_serve.atomic import recover_jsonl
 from draft_training.generate import GenerateConfig, generate_responses
 from tests.vllm.harness import REPO_ROOT
 

@@ -14,10 +14,10 @@ import shutil
 import httpx
 import pytest
 
+from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.loading import IncompatibleDraftError
 from afa_serve.engine.vllm_engine import (
     VllmEngine,
-    VllmEngineConfig,
     vllm_has_per_request_spec_metrics,
 )
 from tests.api_harness import wait_until
@@ -187,7 +187,7 @@ def test_metrics_hold_afa_serve_series_only(vllm_server):
 # -- checks at load, before vLLM starts ------------------------------------------------------
 
 
-def start_fails(config: VllmEngineConfig) -> Exception:
+def start_fails(config: EngineConfig) -> Exception:
     engine = VllmEngine(config)
     with pytest.raises((IncompatibleDraftError, ValueError)) as caught:
         asyncio.run(engine.start())
@@ -204,14 +204,14 @@ def test_a_draft_with_another_vocabulary_is_refused_before_vllm_starts(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (other / name).unlink()
     tiny_tokenizer().save_pretrained(other)
-    error = start_fails(VllmEngineConfig(target=str(real_model_path), draft=str(other)))
+    error = start_fails(EngineConfig(target=str(real_model_path), draft=str(other)))
     assert isinstance(error, IncompatibleDraftError)
     assert "tokenizer vocabularies differ (target 49152 tokens, draft 28" in str(error)
 
 
 def test_tensor_parallel_sizes_are_checked_before_vllm_starts(real_model_path, draft_path):
     base = dict(target=str(real_model_path), draft=str(draft_path))
-    error = start_fails(VllmEngineConfig(**base, draft_tensor_parallel_size=2))
+    error = start_fails(EngineConfig(**base, draft_tensor_parallel_size=2))
     assert "draft_tensor_parallel_size is 2" in str(error)
-    error = start_fails(VllmEngineConfig(**base, tensor_parallel_size=2))
+    error = start_fails(EngineConfig(**base, tensor_parallel_size=2))
     assert "the target model has 9 attention heads" in str(error)
