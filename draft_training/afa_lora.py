@@ -27,13 +27,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from afa_serve.config_cli import comma_separated
 from draft_training.schedule import ScheduleKind, lambda_at
 
 ActivationName = Literal["relu", "silu", "gelu"]
-AdapterMethod = Literal["afa-lora", "lora"]
+Method = Literal["afa-lora", "lora", "full"]  # full: every weight trained, no adapter
 
 ACTIVATIONS: dict[ActivationName, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -52,15 +53,31 @@ class AfaLoraConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: AdapterMethod = "afa-lora"
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] | Literal["all-linear"] = ATTENTION_AND_MLP
-    modules_to_save: tuple[str, ...] = NORMS  # trained in full, matched like target_modules
-    activation: ActivationName = "relu"
-    schedule: ScheduleKind = "linear"
-    anneal_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    method: Method = Field(
+        "afa-lora", description="afa-lora: LoRA with an activation annealed away; lora: plain "
+        "LoRA (λ = 0 throughout); full: train every weight of the draft, no adapter.")
+    rank: int = Field(16, ge=1, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, description="The branch is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before A.")
+    target_modules: comma_separated(str) | Literal["all-linear"] = Field(
+        ATTENTION_AND_MLP, description="Modules to adapt, matched as PEFT does (exact or "
+        "`.name` suffix), or all-linear.")
+    modules_to_save: comma_separated(str) = Field(
+        NORMS, description="Modules trained in full beside the adapter (PEFT's modules_to_save; "
+        '"" for none): by default the RMSNorm weights, which a truncated draft needs retuned.')
+    activation: ActivationName = Field(
+        "relu", description="AFA-LoRA: f in σ_λ(z) = λ·f(z) + (1 − λ)·z, between A and B.")
+    schedule: ScheduleKind = Field("linear", description="AFA-LoRA: how λ falls from 1 to 0.")
+    anneal_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="AFA-LoRA: share of the optimiser steps over which λ "
+        "reaches exactly 0; it stays 0 after, so the adapter ends linear and merges exactly.")
+
+    @field_validator("method")
+    @classmethod
+    def _has_an_adapter(cls, method: Method) -> Method:
+        if method == "full":
+            raise ValueError("full fine-tuning trains every weight: it has no adapter settings")
+        return method
 
     @property
     def scaling(self) -> float:

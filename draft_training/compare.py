@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
+from afa_serve.atomic import atomic_file, recover_jsonl, write_json
+from afa_serve.config_cli import comma_separated
 from afa_serve.engine.loading import (
     eos_token_ids,
     load_model,
@@ -36,7 +38,6 @@ from afa_serve.engine.loading import (
 )
 from afa_serve.prompts import load_prompts, prompt_token_ids
 from draft_training.afa_lora import ActivationName, AfaLoraConfig
-from draft_training.atomic import atomic_file, recover_jsonl, write_json
 from draft_training.evaluate import evaluate, report
 from draft_training.pipeline import (
     Log,
@@ -52,6 +53,11 @@ from draft_training.pipeline import (
 from draft_training.run import FitConfig, Method, final_path, metrics_path
 from draft_training.schedule import ScheduleKind
 
+# A mission sized for comparing arms: fewer prompts and shorter responses than `mission`'s.
+COMPARE_MISSION = MissionConfig(
+    num_prompts=120, num_heldout=20, max_new_tokens=96, batch_size=8, lr=1e-3
+)
+
 
 class CompareConfig(BaseModel):
     """`mission` fixes the data, draft, steps, batch, seed and the adapter (rank, alpha, target
@@ -60,15 +66,22 @@ class CompareConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mission: MissionConfig = MissionConfig()
-    out: Path = Path("bench/results/compare")
-    lr_full: float = Field(1e-4, gt=0)
-    k: int = Field(4, ge=1)
-    eval_max_new_tokens: int = Field(96, ge=1)
-    activations: tuple[ActivationName, ...] = ("relu", "silu", "gelu")
-    schedules: tuple[ScheduleKind, ...] = ("linear", "cosine")
-    anneal_fractions: tuple[float, ...] = (0.1, 0.3, 0.6)
-    ablation_limit: int | None = Field(None, ge=0)  # run only the first N cells; 0: none
+    mission: MissionConfig = COMPARE_MISSION
+    out: Path = Field(
+        Path("bench/results/compare"),
+        description="Folder for table.md, results.json and the PNG plots.")
+    lr_full: float = Field(1e-4, gt=0, description="Learning rate of full fine-tuning.")
+    num_speculative_tokens: int = Field(4, ge=1, description="Draft tokens per step.")
+    eval_max_new_tokens: int = Field(96, ge=1, description="New tokens per held-out prompt.")
+    activations: comma_separated(ActivationName) = Field(
+        ("relu", "silu", "gelu"), description="Ablation: activations.")
+    schedules: comma_separated(ScheduleKind) = Field(
+        ("linear", "cosine"), description="Ablation: schedules.")
+    anneal_fractions: comma_separated(float) = Field(
+        (0.1, 0.3, 0.6), description="Ablation: anneal fractions.")
+    ablation_limit: int | None = Field(
+        None, ge=0, description="Run only the first N ablation cells (the AFA-LoRA arm's own "
+        "cell first); 0 skips the ablation. [default: the whole grid]")
 
 
 @dataclass(frozen=True)
@@ -135,14 +148,14 @@ class HeldOutEvaluator:
             self.target,
             draft,
             self.prompt_ids,
-            self.config.k,
+            self.config.num_speculative_tokens,
             self.config.eval_max_new_tokens,
             self.eos,
             label=f"eval {label}",
         )
         return report(
             acceptance,
-            k=self.config.k,
+            k=self.config.num_speculative_tokens,
             target=self.config.mission.target,
             draft=str(draft_folder),
             prompts=str(self.heldout),
@@ -160,7 +173,7 @@ class HeldOutEvaluator:
         return {
             "target": self.config.mission.target,
             "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),
-            "k": self.config.k,
+            "k": self.config.num_speculative_tokens,
             "max_new_tokens": self.config.eval_max_new_tokens,
             "dtype": str(self.dtype),
         }
@@ -268,10 +281,10 @@ def markdown_table(
     adapter = mission.adapter
     heldout = arms_["untrained"].eval
     lines = [
-        f"# Draft training comparison: {mission.target}, {mission.draft_layers}-layer draft",
+        f"# Draft training comparison: {mission.target}, {mission.layers}-layer draft",
         "",
         (
-            f"Training: {mission.num_prompts} prompts from {', '.join(mission.prompt_sets)} "
+            f"Training: {mission.num_prompts} prompts from {', '.join(mission.prompts)} "
             f"(target's greedy responses, ≤ {mission.max_new_tokens} tokens), {mission.steps} "
             f"optimiser steps × batch {mission.batch_size}, seed {mission.seed}; adapters rank "
             f"{adapter.rank}, alpha {adapter.alpha:g} on {_modules(adapter)}. AFA-LoRA arm: "
@@ -280,7 +293,7 @@ def markdown_table(
         ),
         (
             f"Evaluation: {heldout['num_prompts']} HELD-OUT prompts (not in the training data), "
-            f"greedy speculative decoding with the engine's decoder, k = {config.k}, "
+            f"greedy speculative decoding with the engine's decoder, k = {config.num_speculative_tokens}, "
             f"≤ {config.eval_max_new_tokens} new tokens, {heldout['settings']['dtype']}."
         ),
         "",
@@ -411,7 +424,7 @@ def write_outputs(
     table = out / "table.md"
     with atomic_file(table) as temporary:
         temporary.write_text(markdown_table(config, arms_, ablation))
-    plot_per_position(arms_, config.k, out / "per_position.png")
+    plot_per_position(arms_, config.num_speculative_tokens, out / "per_position.png")
     plot_training(arms_, ablation, out / "training.png")
     files = [table, out / "per_position.png", out / "training.png"]
     if ablation:

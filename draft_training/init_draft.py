@@ -29,8 +29,9 @@ from pydantic import (
 )
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from afa_serve.atomic import atomic_directory
+from afa_serve.descriptions import TARGET_HELP
 from afa_serve.engine.loading import load_model, load_tokenizer
-from draft_training.atomic import atomic_directory
 
 # Config entries that hold one value per decoder layer.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "no_rope_layers")
@@ -43,16 +44,20 @@ class InitDraftConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: str
-    num_layers: int | None = Field(2, ge=1)
-    layers: tuple[int, ...] | None = None
-    out: Path
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    overwrite: bool = False
+    target: str = Field(description=TARGET_HELP)
+    num_layers: int | None = Field(2, ge=1, description="Keep the target's first N layers.")
+    layers: tuple[int, ...] | None = Field(
+        None, description="Or these target layers: 0-based, sorted, comma-separated (0,1,28,29: "
+        "a layer-skipping draft; one layer alone: 5,); a bare count N means --num-layers N.")
+    out: Path = Field(description="Folder to write the draft to.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Of the saved weights.")
+    overwrite: bool = Field(False, description="Replace an existing OUT.")
 
     @model_validator(mode="before")
     @classmethod
     def _layers_or_num_layers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("layers"), str | list):
+            data = _layers_from_text(data)
         if isinstance(data, dict) and data.get("layers") is not None:
             if data.get("num_layers") is not None:
                 raise ValueError("give num_layers (the first N layers) or layers, not both")
@@ -94,6 +99,22 @@ def check_layers(layers: Sequence[int], total: int | None = None) -> None:
             + ("" if total is None else " for this target")
             + f", got {list(layers)}"
         )
+
+
+def _layers_from_text(data: dict[str, Any]) -> dict[str, Any]:
+    """`layers` as the command line gives it: "2" (a count: the first 2 layers) or "0,1,28,29"
+    (layer indices; one alone: "5,")."""
+    given = data["layers"]
+    if isinstance(given, list) and not all(isinstance(item, str) for item in given):
+        return data
+    text = given if isinstance(given, str) else ",".join(given)
+    if "," in text:
+        return {**data, "layers": parse_layers(text)}
+    if text.strip().isdigit() and int(text) >= 1:
+        return {**data, "layers": None, "num_layers": int(text)}
+    raise ValueError(
+        f"layers takes a count (2) or comma-separated layer indices (0,1,28,29), not {text!r}"
+    )
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

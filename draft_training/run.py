@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,12 +43,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from afa_serve.atomic import atomic_file, write_json
 from afa_serve.engine.loading import resolve_device
 from afa_serve.models.resolve import resolve_model
-from draft_training.afa_lora import AfaLoraConfig, inject, set_lambda
-from draft_training.atomic import atomic_file, write_json
-
-Method = Literal["afa-lora", "lora", "full"]
+from draft_training.afa_lora import AfaLoraConfig, Method, inject, set_lambda
 
 
 class FitConfig(BaseModel):
@@ -56,36 +54,53 @@ class FitConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    draft: str
-    data: Path
-    out: Path
+    draft: str = Field(description="The draft to train (folder or model name).")
+    data: Path = Field(description="JSONL written by `afa-train generate`.")
+    out: Path = Field(description="Run folder: config, metrics, checkpoints, weights.")
     adapter: AfaLoraConfig | None = AfaLoraConfig()
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=2)
-    seed: int = 0
-    checkpoint_every: int = Field(50, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # loss per response token = ce_weight·CE + kl_weight·KL(target top-K ‖ draft), the KL only
-    # where the data stores the target's top-K (`topk_store.py`); data without any is trained
-    # on CE alone, with a warning
-    ce_weight: float = Field(1.0, ge=0)
-    kl_weight: float = Field(1.0, ge=0)
-    # micro-batches of similar length (less padding); a function of the seed like the order
-    length_bucketing: bool = True
-    # auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16 (measured faster, see
-    # fit.py), else none
-    autocast: Literal["auto", "off", "bfloat16"] = "auto"
-    # held-out evaluation, best weights and early stopping (see the module doc)
-    heldout_data: Path | None = None  # a generate JSONL from prompts never trained on
-    eval_every: int = Field(50, ge=1)  # optimiser steps between held-out evaluations
-    patience: int | None = Field(None, ge=1)  # None: never stop early
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, cosine decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Optimiser steps of linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
+    epochs: int = Field(1, ge=1, description="Passes over the data (unless --max-steps).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimiser steps to run, whatever the epochs.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimiser step (λ counts optimiser steps).")
+    max_length: int = Field(512, ge=2, description="Tokens per example, prompt included.")
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimiser steps between checkpoints.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+    ce_weight: float = Field(
+        1.0, ge=0, description="Weight of the cross-entropy on the target's tokens.")
+    kl_weight: float = Field(
+        1.0, ge=0, description="Weight of KL(target top-K ‖ draft), where the data stores the "
+        "target's top-K log-probs (generate --top-k-logprobs); data without them trains on "
+        "cross-entropy alone.")
+    length_bucketing: bool = Field(
+        True, description="Batch examples of similar length together (less padding); a "
+        "function of the seed like the order.")
+    autocast: Literal["auto", "off", "bfloat16"] = Field(
+        "auto", description="Mixed precision. auto: bfloat16 on CUDA and on CPUs with native "
+        "bfloat16 (AVX512-BF16/AMX, measured faster), else float32.")
+    heldout_data: Path | None = Field(
+        None, description="JSONL from `afa-train generate` on prompts never trained on: the "
+        "draft's agreement with it is measured every --eval-every steps, and the best weights "
+        "(by implied τ) become the run's final weights.")
+    eval_every: int = Field(50, ge=1, description="Optimiser steps between held-out evaluations.")
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many held-out evaluations (at λ = 0) without a "
+        "better τ (default: never stop early).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _full_has_no_adapter(cls, data: Any) -> Any:
+        """`adapter.method = "full"` (as `--method full` gives it) means no adapter."""
+        adapter = data.get("adapter") if isinstance(data, dict) else None
+        if isinstance(adapter, dict) and adapter.get("method") == "full":
+            return {**data, "adapter": None}
+        return data
 
     @model_validator(mode="after")
     def _some_loss(self) -> FitConfig:
