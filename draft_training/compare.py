@@ -46,11 +46,12 @@ from draft_training.pipeline import (
     StepOutcome,
     WorkDir,
     afa_run_name,
+    draft_fit_config,
     fit_step,
     merge_step,
     prepare,
 )
-from draft_training.run import FitConfig, Method, final_path, metrics_path
+from draft_training.run import Method, final_path, metrics_path
 from draft_training.schedule import ScheduleKind
 
 # A mission sized for comparing arms: fewer prompts and shorter responses than `mission`'s.
@@ -60,9 +61,9 @@ COMPARE_MISSION = MissionConfig(
 
 
 class CompareConfig(BaseModel):
-    """`mission` fixes the data, draft, steps, batch, seed and the adapter (rank, alpha, target
-    modules, and the AFA-LoRA arm's activation, schedule and anneal fraction); its `lr` is the
-    adapters' learning rate."""
+    """`mission` fixes the data, draft, steps, batch, seed, KL weight and the adapter (rank,
+    alpha, target modules, and the AFA-LoRA arm's activation, schedule and anneal fraction); its
+    `lr` is the adapters' learning rate. The arms train without held-out evaluation."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -212,17 +213,8 @@ class Comparison:
         if arm.method is None:
             draft: StepOutcome = prepared.draft_init
         else:
-            fit_config = FitConfig(
-                draft=str(prepared.draft_init.output),
-                data=prepared.data.output,
-                out=mission.work_dir / "runs" / arm.name,
-                adapter=arm.adapter,
-                lr=arm.lr,
-                max_steps=mission.steps,
-                batch_size=mission.batch_size,
-                seed=mission.seed,
-                device=mission.device,
-            )
+            fit_config = draft_fit_config(
+                mission, prepared, arm.name, arm.adapter, arm.lr, heldout=False)
             fitted = fit_step(self.work, arm.name, fit_config, [prepared.draft_init, prepared.data])
             draft = merge_step(self.work, arm.name, fitted)
         report_path = mission.work_dir / "evals" / f"{arm.name}.json"

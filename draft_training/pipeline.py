@@ -311,6 +311,36 @@ def merge_step(work: WorkDir, name: str, run: StepOutcome) -> StepOutcome:
     return work.step(f"merge-{name}", {"out": str(out)}, out, merge, after=[run])
 
 
+def draft_fit_config(
+    config: MissionConfig,
+    prepared: Prepared,
+    name: str,
+    adapter: AfaLoraConfig | None,
+    lr: float,
+    heldout: bool,
+) -> FitConfig:
+    """The fit of one draft of a work dir with the mission's training settings; `heldout` adds
+    its held-out evaluation, best-weights choice and early stopping."""
+    evaluation: dict[str, Any] = {
+        "heldout_data": prepared.heldout_data.output,
+        "eval_every": config.eval_every,
+        "patience": config.patience,
+    } if heldout else {}
+    return FitConfig(
+        draft=str(prepared.draft_init.output),
+        data=prepared.data.output,
+        out=config.work_dir / "runs" / name,
+        adapter=adapter,
+        lr=lr,
+        max_steps=config.steps,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=config.device,
+        kl_weight=config.kl_weight,
+        **evaluation,
+    )
+
+
 def afa_run_name(adapter: AfaLoraConfig) -> str:
     """Runs are named by their AFA-LoRA settings, so `compare` reuses the mission's run."""
     return f"afa-lora-{adapter.activation}-{adapter.schedule}-{adapter.anneal_fraction:g}"
@@ -327,21 +357,7 @@ def run_mission(config: MissionConfig, log: Log) -> MissionResult:
     work = WorkDir(config.work_dir, log)
     prepared = prepare(config, work)
     name = afa_run_name(config.adapter)
-    fit_config = FitConfig(
-        draft=str(prepared.draft_init.output),
-        data=prepared.data.output,
-        out=config.work_dir / "runs" / name,
-        adapter=config.adapter,
-        lr=config.lr,
-        max_steps=config.steps,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=config.device,
-        kl_weight=config.kl_weight,
-        heldout_data=prepared.heldout_data.output,
-        eval_every=config.eval_every,
-        patience=config.patience,
-    )
+    fit_config = draft_fit_config(config, prepared, name, config.adapter, config.lr, heldout=True)
     fitted = fit_step(work, name, fit_config,
                       after=[prepared.draft_init, prepared.data, prepared.heldout_data])
     merged = merge_step(work, name, fitted)
