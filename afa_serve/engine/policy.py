@@ -18,6 +18,11 @@ Everything it needs is measured where it runs:
   towards the previous position's (deeper positions seen less often), so a new request starts
   from what the engine has learnt. Engine-wide counts decay, so the policy follows the workload.
 
+Prompt lookup (`prompt_lookup.py`) is a second proposer that costs no forward pass: when it
+finds a continuation, `choose_lookup` weighs its k by the same formula with c = 0 and the
+lookup's own acceptance counts; when it finds none, or its k is 0, the draft model's step is
+chosen as above.
+
 When plain steps win, speculation is probed once in a while (k = 1, with a back-off that
 doubles after each probe that gains nothing), so a request whose text turns predictable is
 noticed. The choice depends only on timings and on acceptance already observed, never on the
@@ -145,6 +150,7 @@ class RequestSpeculation:
     """What the policy keeps per request: its own acceptance counts and its probe back-off."""
 
     stats: DraftStats = field(default_factory=DraftStats)
+    lookup_stats: DraftStats = field(default_factory=DraftStats)  # prompt lookup's proposals
     plain_steps: int = 0  # plain steps since the last speculative one
     probe_interval: int = PROBE_INTERVAL
     probing: bool = False  # the current step is a probe
@@ -160,17 +166,20 @@ class SpeculationPolicy:
         self.max_k = max_k
         self.costs = CostMeter()
         self.engine_stats = DraftStats()
+        self.engine_lookup_stats = DraftStats()
 
     # -- estimates ----------------------------------------------------------------------------
 
-    def acceptance(self, request: RequestSpeculation | None) -> list[float]:
-        """β_j: conditional acceptance per position, for this request (or engine-wide)."""
-        engine = _rates(self.engine_stats.accepted, self.engine_stats.reached, PRIOR_ACCEPTANCE,
-                        ENGINE_PRIOR_WEIGHT, self.max_k)
+    def acceptance(self, request: RequestSpeculation | None, lookup: bool = False) -> list[float]:
+        """β_j: conditional acceptance per position of the draft model's (or, with `lookup`,
+        prompt lookup's) proposals, for this request (or engine-wide)."""
+        stats = self.engine_lookup_stats if lookup else self.engine_stats
+        engine = _rates(stats.accepted, stats.reached, PRIOR_ACCEPTANCE, ENGINE_PRIOR_WEIGHT,
+                        self.max_k)
         if request is None:
             return engine
-        return _rates(request.stats.accepted, request.stats.reached, engine,
-                      REQUEST_PRIOR_WEIGHT, self.max_k)
+        stats = request.lookup_stats if lookup else request.stats
+        return _rates(stats.accepted, stats.reached, engine, REQUEST_PRIOR_WEIGHT, self.max_k)
 
     def continuation(self, request: RequestSpeculation | None) -> list[float]:
         """π_j: how often the draft, having proposed j - 1, proposes j (π_0 = 1)."""
@@ -184,9 +193,9 @@ class SpeculationPolicy:
         rates[0] = 1.0
         return rates
 
-    def step_cost(self, k: int, continuation: list[float]) -> float | None:
-        """Expected cost of a step allowing k tokens, in plain target steps."""
-        c = self.costs.draft_cost_ratio
+    def step_cost(self, k: int, continuation: list[float], c: float | None) -> float | None:
+        """Expected cost of a step allowing k tokens, in plain target steps, when a draft
+        forward costs c."""
         if c is None:
             return None
         if k == 0:
@@ -212,7 +221,7 @@ class SpeculationPolicy:
         continuation = self.continuation(request)
         speedups = []
         for k in range(self.max_k + 1):
-            cost = self.step_cost(k, continuation)
+            cost = self.step_cost(k, continuation, self.costs.draft_cost_ratio)
             if cost is None:
                 return None
             # a position the draft declines is counted as rejected, so expected tokens need
@@ -242,10 +251,32 @@ class SpeculationPolicy:
             return 1
         return 0
 
+    def choose_lookup(self, request: RequestSpeculation, num_found: int) -> int:
+        """How many of the `num_found` tokens prompt lookup found to verify (≤ k_max): the k
+        with the most expected tokens per unit of time, drafting being free."""
+        available = min(num_found, self.max_k)
+        if self.mode != "adaptive" or available == 0:
+            return 0 if self.mode == "off" else available
+        acceptance = self.acceptance(request, lookup=True)
+        always = [1.0] * self.max_k  # a found token is always proposed
+        speedups = []
+        for k in range(available + 1):
+            cost = self.step_cost(k, always, c=0.0)
+            if cost is None:  # not calibrated yet: verify all, and measure
+                return available
+            speedups.append(expected_tokens(acceptance, k) / cost)
+        return max(range(len(speedups)), key=lambda k: (speedups[k], -k))
+
     def record(self, request: RequestSpeculation, k: int, num_drafted: int,
-               num_accepted: int) -> None:
-        """Learn from a step that allowed k tokens."""
+               num_accepted: int, lookup: bool = False) -> None:
+        """Learn from a step that allowed k tokens (drafted by prompt lookup with `lookup`)."""
         if k == 0:
+            return
+        if lookup:
+            request.lookup_stats.decay(REQUEST_DECAY)
+            request.lookup_stats.record(k, num_drafted, num_accepted)
+            self.engine_lookup_stats.decay(ENGINE_DECAY)
+            self.engine_lookup_stats.record(k, num_drafted, num_accepted)
             return
         if request.probing:  # back off further when a probe gained nothing
             request.probe_interval = (

@@ -1,0 +1,89 @@
+"""Prompt lookup: what it proposes, how the policy weighs it, and that decoding stays lossless."""
+
+from __future__ import annotations
+
+import pytest
+
+from afa_serve.engine.policy import RequestSpeculation
+from afa_serve.engine.prompt_lookup import PromptLookup
+from afa_serve.engine.speculative import SpeculativeDecoder
+from afa_serve.engine.verify import SamplingSettings
+from tests.conftest import tiny_llama
+from tests.test_policy import GREEDY, engine_stats_for, formula_best_k, policy_with
+from tests.test_verify import (
+    LENGTH,
+    PROMPT,
+    RUNS,
+    TARGET_SEED,
+    _chi_square_p_value,
+    _joint_distribution,
+    _sample_counts,
+)
+
+
+@pytest.mark.parametrize("tokens,max_tokens,wanted", [
+    ([1, 2, 3, 4, 1, 2, 3], 4, [4, 1, 2, 3]),  # the 3-gram 1 2 3 occurred: what followed it
+    ([1, 2, 3, 4, 1, 2, 3], 2, [4, 1]),  # no more than asked
+    ([9, 1, 2, 8, 1, 2], 3, [8, 1, 2]),  # the latest occurrence of the longest suffix
+    ([5, 1, 7, 6, 1, 7, 2, 6, 1], 2, [7, 2]),  # 6 1 beats the later lone 1 ... 1 7 of "5 1"
+    ([7, 3, 5, 8, 3], 3, [5, 8, 3]),  # only the 1-gram 3 occurred before
+    ([4, 5, 6], 3, []),  # nothing repeats
+    ([4], 3, []),
+])
+def test_prompt_lookup_proposes_what_followed_the_longest_latest_match(tokens, max_tokens,
+                                                                      wanted):
+    assert PromptLookup(min_ngram=1, max_ngram=3).propose(tokens, max_tokens) == wanted
+
+
+def test_prompt_lookup_respects_its_shortest_ngram():
+    assert PromptLookup(min_ngram=2, max_ngram=3).propose([7, 3, 5, 8, 3], 3) == []
+    with pytest.raises(ValueError):
+        PromptLookup(min_ngram=3, max_ngram=2)
+
+
+@pytest.mark.parametrize("acceptance,verify,found", [
+    ([0.9, 0.85, 0.8, 0.8], [1.0, 1.02, 1.04, 1.06, 1.08], 4),  # a repeating text: all of it
+    ([0.9, 0.85, 0.8, 0.8], [1.0, 1.02, 1.04, 1.06, 1.08], 2),  # no more than was found
+    ([0.3, 0.2, 0.1, 0.1], [1.0, 1.15, 1.3, 1.45, 1.6], 4),  # weak matches, dear verify
+    ([0.02, 0.0, 0.0, 0.0], [1.0, 1.1, 1.2, 1.3, 1.4], 4),  # matches that never hold: skip
+])
+def test_the_policy_weighs_lookup_with_the_formula_at_no_draft_cost(acceptance, verify, found):
+    policy = policy_with(0.5, verify, max_k=4)  # the draft model's c plays no part
+    policy.engine_lookup_stats = engine_stats_for(acceptance)
+    wanted = formula_best_k(acceptance, 0.0, verify[:found + 1])
+    assert policy.choose_lookup(RequestSpeculation(), found) == wanted
+
+
+def test_fixed_verifies_all_that_lookup_found_and_off_none():
+    for mode, wanted in (("fixed", 3), ("off", 0)):
+        policy = policy_with(0.1, [1.0, 9.0, 9.0, 9.0, 9.0], max_k=4)
+        policy.mode = mode
+        assert policy.choose_lookup(RequestSpeculation(), 3) == wanted
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+def test_greedy_output_with_prompt_lookup_equals_plain(with_draft, mode):
+    target = tiny_llama(layers=2, seed=0)
+    plain = SpeculativeDecoder(target)
+    draft = tiny_llama(layers=1, seed=5) if with_draft else None
+    decoder = SpeculativeDecoder(target, draft, 4, speculation=mode,
+                                 prompt_lookup=PromptLookup(1, 3))
+    decoder.calibrate()
+    for prompt in ([3], [5, 6, 7, 5, 6, 7, 5, 6], list(range(20))):
+        state = decoder.generate(prompt, 48, GREEDY)
+        assert state.token_ids == plain.generate(prompt, 48, GREEDY).token_ids
+    # a tiny random model loops, and the loops are found
+    assert state.spec.num_draft_tokens > 0 and state.spec.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_sampling_with_prompt_lookup_follows_the_target(with_draft):
+    settings = SamplingSettings(temperature=1.0)
+    target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
+    draft = tiny_llama(vocab_size=5, layers=1, seed=5) if with_draft else None
+    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
+    decoder = SpeculativeDecoder(target, draft, 2, speculation="fixed",
+                                 prompt_lookup=PromptLookup(1, 2))
+    counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
+    assert _chi_square_p_value(counts, exact) > 1e-3
