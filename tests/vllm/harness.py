@@ -136,7 +136,7 @@ class OfflineReference:
         return cls(Subprocess.start(command, folder / "reference.log"), output)
 
     def result(self, timeout_s: float = START_TIMEOUT_S) -> list[dict]:
-        """Per prompt: {"token_ids": [...], "text": ...}."""
+        """Per prompt: {"token_ids", "text", "logprobs", "prompt_logprobs"}."""
         try:
             code = self.child.process.wait(timeout_s)
         except subprocess.TimeoutExpired:

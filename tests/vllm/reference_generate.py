@@ -4,7 +4,8 @@
 
 JOB holds the target, prompts (token ids), max_tokens, dtype, max_model_len and the KV cache
 size; OUT gets, per prompt, the generated token ids and text of `LLM.generate` decoding the
-target alone (no draft), so equality also shows the speculative engine is lossless.
+target alone (no draft), so equality also shows the speculative engine is lossless, and the
+chosen tokens' logprobs: each output token's and each prompt token's (the first None).
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ def main(job_path: Path, out_path: Path) -> None:
     llm = LLM(model=job["target"], dtype=job["dtype"], max_model_len=job["max_model_len"],
               kv_cache_memory_bytes=job["kv_cache_memory_bytes"], enforce_eager=True,
               max_num_seqs=len(job["prompts"]))
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=0,
+                            prompt_logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
-    result = [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
-              for o in outputs]
+    result = [{
+        "token_ids": list(o.outputs[0].token_ids),
+        "text": o.outputs[0].text,
+        "logprobs": [ranked[token].logprob for token, ranked in
+                     zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)],
+        "prompt_logprobs": [None, *(ranked[token].logprob for token, ranked in
+                                    zip(o.prompt_token_ids[1:], list(o.prompt_logprobs)[1:],
+                                        strict=True))],
+    } for o in outputs]
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out_path)
