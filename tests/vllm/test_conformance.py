@@ -90,6 +90,32 @@ CASES = [
         stream_options={"include_usage": True}, **GREEDY),
         "first delta role assistant, content deltas, finish chunk, usage chunk"),
     Case("models", lambda c: c.models.list(), "object list of model objects"),
+    # -- logprobs, OpenAI's platform fields, vLLM's extensions
+    Case("completion logprobs + echo", lambda c: c.completions.create(
+        prompt="The capital of France is", max_tokens=4, echo=True, logprobs=2, **GREEDY),
+        "the prompt, then the output; tokens, token_logprobs (the first null), top_logprobs "
+        "(2 likeliest and the chosen), text_offset"),
+    Case("completion echo, max_tokens 0", lambda c: c.completions.create(
+        prompt="The capital of France is", max_tokens=0, echo=True, logprobs=0, **GREEDY),
+        "the prompt scored, nothing generated (lm-eval's loglikelihood)"),
+    Case("chat logprobs", lambda c: c.chat.completions.create(
+        messages=CHAT, max_tokens=8, logprobs=True, top_logprobs=2, **GREEDY),
+        "logprobs.content: token, logprob, bytes, top_logprobs (2)"),
+    Case("vLLM sampling extensions", lambda c: c.completions.create(
+        prompt="1, 2, 3, 4,", max_tokens=12, presence_penalty=0.5, frequency_penalty=0.3,
+        extra_body={"repetition_penalty": 1.2, "top_k": 20, "min_tokens": 4,
+                    "skip_special_tokens": True, "stop_token_ids": [2]}, **GREEDY),
+        "penalties (OpenAI's two; vLLM's repetition_penalty, top_k, min_tokens) change the text"),
+    Case("platform fields and named messages", lambda c: stream(
+        c.chat.completions.create, messages=[{"role": "user", "content": "What is 2+2?",
+                                              "name": "ann"}],
+        max_tokens=6, store=False, metadata={"run": "1"}, service_tier="auto", user="u",
+        stream_options={"include_usage": True, "include_obfuscation": False}, **GREEDY),
+        "store, metadata, service_tier, user, name, include_obfuscation: accepted"),
+    Case("stream with continuous usage", lambda c: stream(
+        c.completions.create, prompt="The capital of France is", max_tokens=4,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **GREEDY),
+        "vLLM's extension: usage on every chunk"),
     # -- bad inputs
     Case("unknown model", lambda c: c.completions.create(
         model="no-such-model", prompt="hi", max_tokens=4),
@@ -133,6 +159,32 @@ CASES = [
     Case("stream_options without stream", lambda c: c.completions.create(
         prompt="hi", max_tokens=4, stream_options={"include_usage": True}, **GREEDY),
         "400 invalid_request_error, param stream_options", expect=(400, "stream_options")),
+    Case("chat with an image", lambda c: c.chat.completions.create(
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}],
+        max_tokens=4, **GREEDY),
+        "400 for a model without vision, param messages[0].content[1]",
+        expect=(400, "messages[0].content[1]")),
+    Case("assistant tool call with null content", lambda c: c.chat.completions.create(
+        messages=[{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "c1", "type": "function",
+                       "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+        max_tokens=4, **GREEDY),
+        "200 where the model has tools; here 400, param messages[1].tool_calls",
+        expect=(400, "messages[1].tool_calls")),
+    Case("tools", lambda c: c.chat.completions.create(
+        messages=CHAT, max_tokens=4, tools=[{"type": "function", "function": {"name": "f"}}],
+        **GREEDY),
+        "200 where the model has tools; here 400, param tools", expect=(400, "tools")),
+    Case("JSON response format", lambda c: c.chat.completions.create(
+        messages=CHAT, max_tokens=4, response_format={"type": "json_object"}, **GREEDY),
+        "JSON mode; here 400, param response_format", expect=(400, "response_format")),
+    Case("logprobs past OpenAI's limit", lambda c: c.completions.create(
+        prompt="hi", max_tokens=4, logprobs=6, **GREEDY),
+        "400 invalid_request_error, param logprobs (0-5)", expect=(400, "logprobs")),
 ]
 
 
@@ -167,6 +219,20 @@ DEPARTURES: dict[tuple[str, str], str] = {
     ("completion stream", "spec metrics"): (
         "an extension: without include_usage afa-serve sends it on the last chunk, vLLM not "
         "at all"),
+    ("completion echo, max_tokens 0", "usage"): (
+        "afa-serve: nothing is generated, 0 completion tokens; vLLM generates one token to "
+        "score the prompt and counts it"),
+    ("chat with an image", "error param"): PARAM_NOTE + " (null)",
+    ("tools", "error param"): PARAM_NOTE + " (null)",
+    ("assistant tool call with null content", "status"): (
+        "afa-serve: it has no tools, so a conversation of tool calls is refused, naming them; "
+        "vLLM renders them into the chat template"),
+    ("JSON response format", "status"): (
+        "vLLM: it constrains the output to JSON (structured outputs), as OpenAI; afa-serve has "
+        "no constrained decoding and refuses rather than answer unconstrained"),
+    ("logprobs past OpenAI's limit", "status"): (
+        "afa-serve: OpenAI's limit (completions 0-5, chat 0-20); vLLM allows up to its "
+        "max_logprobs (20)"),
 }
 
 @dataclass(frozen=True)
@@ -215,6 +281,8 @@ def body_aspects(body: dict[str, Any], greedy: bool) -> dict[str, str]:
         aspects["message fields"] = field_diff(set(choices[0]["message"]), ChatCompletionMessage)
     if "metrics" in body:
         aspects["spec metrics"] = spec_summary(body["metrics"])
+    if choices[0].get("logprobs"):
+        aspects["logprobs"] = logprobs_summary(choices[0]["logprobs"])
     usage = body["usage"]
     aspects["usage"] = (f"{usage['prompt_tokens']}+{usage['completion_tokens']}"
                         f"={usage['total_tokens']}")
@@ -222,6 +290,18 @@ def body_aspects(body: dict[str, Any], greedy: bool) -> dict[str, str]:
         aspects["text"] = " | ".join(
             repr(c["message"]["content"] if chat else c["text"]) for c in choices)
     return aspects
+
+
+def logprobs_summary(logprobs: dict[str, Any]) -> str:
+    """The shape of a choice's logprobs (values differ in float32 rounding across engines)."""
+    if "content" in logprobs:
+        content = logprobs["content"]
+        return (f"{len(content)} tokens {[e['token'] for e in content]}, top_logprobs "
+                f"{sorted({len(e['top_logprobs']) for e in content})}")
+    nulls = [i for i, value in enumerate(logprobs["token_logprobs"]) if value is None]
+    return (f"{len(logprobs['tokens'])} tokens {logprobs['tokens']}, null at {nulls}, "
+            f"top sizes {sorted({len(t) for t in logprobs['top_logprobs'] if t})}, "
+            f"text_offset {logprobs['text_offset']}")
 
 
 def spec_summary(metrics: dict[str, Any] | None) -> str:
