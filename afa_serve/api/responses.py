@@ -4,6 +4,10 @@ Per-response metrics (`metrics` beside `usage`) follow vLLM's per-request metric
 choices' speculative-decoding counts summed, and timings from scheduling to the last token. A
 stream carries them on its last chunk before `data: [DONE]` (the usage chunk when
 `stream_options.include_usage`, as vLLM; otherwise the last choice chunk).
+
+Logprobs come with the deltas that carry their tokens. A completion with `echo` starts with the
+prompt's text (and, with logprobs, the prompt's tokens, the first one unscored); with
+`max_tokens: 0` the token the engine generated to score the prompt is left out, as vLLM does.
 """
 
 from __future__ import annotations
