@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from afa_serve.engine.base import GenerationRequest, SamplingParams
+from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.policy import RequestSpeculation
 from afa_serve.engine.prompt_lookup import PromptLookup
 from afa_serve.engine.speculative import SpeculativeDecoder
+from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.engine.verify import SamplingSettings
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_tokenizer
 from tests.test_policy import GREEDY, engine_stats_for, formula_best_k, policy_with
 from tests.test_verify import (
     LENGTH,
@@ -87,3 +90,37 @@ def test_sampling_with_prompt_lookup_follows_the_target(with_draft):
                                  prompt_lookup=PromptLookup(1, 2))
     counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
     assert _chi_square_p_value(counts, exact) > 1e-3
+
+
+async def test_the_engine_looks_up_prompts_by_default_even_without_a_draft():
+    target = tiny_llama(layers=2, seed=0)
+    engine = TorchEngine.from_models(target, tiny_tokenizer(), None,
+                                     EngineConfig(target="tiny", num_speculative_tokens=4))
+    await engine.start()
+    try:
+        assert engine.info.draft is None and engine.info.num_speculative_tokens == 4
+        request = GenerationRequest("a", (1, 2, 3), SamplingParams(
+            max_tokens=40, temperature=0.0, ignore_eos=True))
+        deltas = [d async for d in engine.generate(request)]
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert tokens == SpeculativeDecoder(target).generate([1, 2, 3], 40, GREEDY).token_ids[3:]
+        assert deltas[-1].spec.num_draft_tokens > 0  # the tiny model loops: lookup finds it
+    finally:
+        await engine.shutdown()
+
+
+def test_prompt_lookup_settings():
+    assert EngineConfig(prompt_lookup_max=0).prompt_lookup is None
+    assert EngineConfig(num_speculative_tokens=0).prompt_lookup is None
+    assert EngineConfig(prompt_lookup_min=2, prompt_lookup_max=4).prompt_lookup == PromptLookup(
+        2, 4)
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        EngineConfig(prompt_lookup_min=4, prompt_lookup_max=2)
+
+
+def test_the_vllm_batch_schedule_is_parsed_and_checked():
+    config = EngineConfig(speculative_batch_schedule="1-2:4,3-8:1,9-64:0")
+    assert config.batch_schedule() == [(1, 2, 4), (3, 8, 1), (9, 64, 0)]
+    for bad in ("2-8:1", "1-4:2,6-8:1", "1-4:2,3-8:1", "1-4", "1-4:x"):
+        with pytest.raises(ValueError):
+            EngineConfig(speculative_batch_schedule=bad)

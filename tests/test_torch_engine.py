@@ -23,14 +23,16 @@ GREEDY = SamplingSettings(temperature=0.0)
 
 
 def make_engine(draft=True, k=3, speculation="fixed", confidence_threshold=0.0,
-                **config) -> TorchEngine:
-    """A tiny engine that drafts every step by default, to exercise the speculative path."""
+                prompt_lookup_max=0, **config) -> TorchEngine:
+    """A tiny engine whose draft model drafts every step by default, to exercise the
+    speculative path (prompt lookup off unless asked for)."""
     target = tiny_llama(layers=2, seed=0)
     draft_model = tiny_llama(layers=1, seed=1) if draft else None
     return TorchEngine.from_models(
         target, tiny_tokenizer(), draft_model,
         EngineConfig(target="tiny", num_speculative_tokens=k, speculation=speculation,
-                          confidence_threshold=confidence_threshold, **config),
+                          confidence_threshold=confidence_threshold,
+                          prompt_lookup_max=prompt_lookup_max, **config),
     )
 
 

@@ -195,7 +195,8 @@ class TorchEngine:
     ) -> None:
         if draft is not None:
             check_draft_compatible(target, tokenizer, draft, draft_tokenizer or tokenizer)
-        k = self.config.num_speculative_tokens if draft is not None else 0
+        lookup = self.config.prompt_lookup
+        k = self.config.num_speculative_tokens if draft is not None or lookup else 0
         self._eos_ids = eos_token_ids(target, tokenizer)
         head_ids = None
         if draft_vocab is not None and self.config.draft_vocab_size > 0:
@@ -207,6 +208,7 @@ class TorchEngine:
             speculation=self.config.speculation,
             confidence_threshold=self.config.confidence_threshold,
             draft_vocab=head_ids,
+            prompt_lookup=lookup,
         )
         self._tokenizer = tokenizer
         context = max_context_length(target)

@@ -177,6 +177,15 @@ def vllm_has_per_request_spec_metrics() -> bool:
         f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
+def vllm_has_batch_schedule() -> bool:
+    """Whether this vLLM chooses k by batch size (num_speculative_tokens_per_batch_size: 0.32
+    can, 0.24 cannot)."""
+    from vllm.config import SpeculativeConfig
+
+    return "num_speculative_tokens_per_batch_size" in {
+        f.name for f in dataclasses.fields(SpeculativeConfig)}
+
+
 def request_spec_counts(metrics: Any) -> SpecDecodeCounts:
     """vLLM's per-request `RequestSpecDecodeMetrics` (histogram[j] = steps that accepted exactly
     j drafts) as our counts: acceptance is a prefix, so position p was accepted in every step
@@ -245,7 +254,7 @@ class VllmEngine:
         if len(self._active) >= capacity:
             raise QueueFullError(
                 f"the server is at capacity ({len(self._active)} requests); retry shortly")
-        params = self._sampling_params(request.params, self.config.speculative)
+        params = self._sampling_params(request.params, self._speculative_config() is not None)
         timings = RequestTimings(arrival=request.arrival_time)
         self._active.add(request.request_id)  # no await since the checks: admission is exact
         outputs: Any = None
@@ -345,18 +354,33 @@ class VllmEngine:
         )
         if memory is not None:
             settings["gpu_memory_utilization"] = memory
-        if config.speculative:
-            speculative: dict[str, Any] = {
-                "method": "draft_model",
-                "model": resolve_model(config.draft),
-                "num_speculative_tokens": config.num_speculative_tokens,
-            }
-            if config.draft_tensor_parallel_size is not None:
-                speculative["draft_tensor_parallel_size"] = config.draft_tensor_parallel_size
+        speculative = self._speculative_config()
+        if speculative is not None:
             settings["speculative_config"] = speculative
             if vllm_has_per_request_spec_metrics():  # 0.24 has not: see the module doc
                 settings["per_request_spec_decode_metrics"] = "summary"
         return AsyncEngineArgs(**settings)
+
+    def _speculative_config(self) -> dict[str, Any] | None:
+        """vLLM's speculative_config: the draft model, else prompt lookup (vLLM's ngram method;
+        vLLM runs one method at a time); k by batch size under adaptive speculation where the
+        release has it (0.32 has, 0.24 has not: then k is fixed)."""
+        config = self.config
+        if config.speculation == "off":
+            return None
+        speculative: dict[str, Any] = {"num_speculative_tokens": config.num_speculative_tokens}
+        if config.speculative:
+            speculative.update(method="draft_model", model=resolve_model(config.draft))
+            if config.draft_tensor_parallel_size is not None:
+                speculative["draft_tensor_parallel_size"] = config.draft_tensor_parallel_size
+        elif config.prompt_lookup is not None:
+            speculative.update(method="ngram", prompt_lookup_min=config.prompt_lookup_min,
+                               prompt_lookup_max=config.prompt_lookup_max)
+        else:
+            return None
+        if config.speculation == "adaptive" and vllm_has_batch_schedule():
+            speculative["num_speculative_tokens_per_batch_size"] = config.batch_schedule()
+        return speculative
 
     def _build(self) -> Any:
         from vllm.platforms import current_platform
@@ -372,8 +396,8 @@ class VllmEngine:
                 "CUDA_VISIBLE_DEVICES and pass device cuda"
             )
         args = self._engine_args(device_type)
-        logger.info("starting vLLM on %s: target %s, draft %s", device_type, args.model,
-                    args.speculative_config and args.speculative_config["model"])
+        logger.info("starting vLLM on %s: target %s, speculation %s", device_type, args.model,
+                    args.speculative_config)
         return AsyncLLM.from_engine_args(
             args, stat_loggers=[stat_logger_factory(self._accumulator)]
         )
@@ -383,15 +407,17 @@ class VllmEngine:
 
         model_config = self._llm.model_config
         config = self.config
+        speculative = self._speculative_config() is not None
         return ModelInfo(
             name=config.served_model_name or config.target,
             target=config.target,
-            draft=config.draft if config.speculative else None,
-            num_speculative_tokens=config.num_speculative_tokens if config.speculative else 0,
+            draft=config.draft if speculative and config.speculative else None,
+            num_speculative_tokens=config.num_speculative_tokens if speculative else 0,
             max_model_len=model_config.max_model_len,
             engine="vllm",
             dtype=str(model_config.dtype).removeprefix("torch."),
             device=current_platform.device_type,
+            speculation=config.speculation if speculative else "off",
         )
 
     # -- requests --------------------------------------------------------------------------

@@ -215,3 +215,20 @@ def test_tensor_parallel_sizes_are_checked_before_vllm_starts(real_model_path, d
     assert "draft_tensor_parallel_size is 2" in str(error)
     error = start_fails(EngineConfig(**base, tensor_parallel_size=2))
     assert "the target model has 9 attention heads" in str(error)
+
+
+def test_speculation_settings_map_to_vllms_speculative_config(real_model_path, draft_path):
+    base = dict(target=str(real_model_path), num_speculative_tokens=3,
+                speculative_batch_schedule="1-2:3,3-1000:0")
+    adaptive = VllmEngine(EngineConfig(**base, draft=str(draft_path)))._speculative_config()
+    assert adaptive["method"] == "draft_model" and adaptive["num_speculative_tokens"] == 3
+    assert adaptive["num_speculative_tokens_per_batch_size"] == [(1, 2, 3), (3, 1000, 0)]
+    fixed = VllmEngine(EngineConfig(**base, draft=str(draft_path), speculation="fixed"))
+    assert "num_speculative_tokens_per_batch_size" not in fixed._speculative_config()
+    assert VllmEngine(EngineConfig(**base, draft=str(draft_path), speculation="off")
+                      )._speculative_config() is None
+    # without a draft, prompt lookup is vLLM's ngram method; without either, plain decoding
+    lookup = VllmEngine(EngineConfig(**base, prompt_lookup_min=2))._speculative_config()
+    assert (lookup["method"], lookup["prompt_lookup_min"], lookup["prompt_lookup_max"]) == (
+        "ngram", 2, 3)
+    assert VllmEngine(EngineConfig(**base, prompt_lookup_max=0))._speculative_config() is None
