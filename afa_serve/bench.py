@@ -19,10 +19,11 @@ from rich.table import Table
 from afa_serve.atomic import write_json
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.base import SpecDecodeCounts
-from afa_serve.engine.config import DEFAULT_MODEL
+from afa_serve.engine.config import DEFAULT_MODEL, EngineConfig
 from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, read_draft_vocab
 from afa_serve.engine.loading import DeviceName, DTypeName, load_target_and_draft
 from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD
+from afa_serve.engine.prompt_lookup import PromptLookup
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
 from afa_serve.models.resolve import resolve_model
@@ -77,6 +78,8 @@ class BenchConfig(BaseModel):
     draft_vocab_size: int = Field(
         DEFAULT_DRAFT_VOCAB_SIZE, ge=0, description="The default policy's trimmed draft head "
         "(0: whole vocabulary; used only when the draft folder has a draft_vocab.json).")
+    prompt_lookup_max: int = EngineConfig.model_fields["prompt_lookup_max"]
+    prompt_lookup_min: int = EngineConfig.model_fields["prompt_lookup_min"]
     max_new_tokens: int = Field(64, ge=1, description="New tokens per prompt.")
     limit: int | None = Field(20, ge=1, description="Use only the first N prompts.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (outputs compared).")
@@ -89,9 +92,10 @@ def bench(
     config: BenchConfig,
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
 ) -> None:
-    """Decode the same prompts three ways, interleaved prompt by prompt: plain, fixed k (the
-    whole draft head, no confidence stop) and the server's default policy (adaptive k,
-    confidence stop, trimmed head); print speed, acceptance and the measured costs.
+    """Decode the same prompts four ways, interleaved prompt by prompt: plain, fixed k (the
+    whole draft head, no confidence stop, no prompt lookup), the server's default policy
+    (adaptive k, confidence stop, trimmed head, prompt lookup) and that policy with the draft
+    model alone (no prompt lookup); print speed, acceptance and the measured costs.
 
     Greedy by default, so the outputs must be identical: the table says how many are.
     """
@@ -105,24 +109,32 @@ def bench(
     head_ids = vocab.head_ids(size, eos) if vocab and size else None
 
     k = config.num_speculative_tokens
+    lookup = (PromptLookup(config.prompt_lookup_min, config.prompt_lookup_max)
+              if config.prompt_lookup_max else None)
+
+    def policy(prompt_lookup: PromptLookup | None) -> SpeculativeDecoder:
+        return SpeculativeDecoder(
+            target_model, draft_model, k, speculation="adaptive",
+            confidence_threshold=config.confidence_threshold, draft_vocab=head_ids,
+            prompt_lookup=prompt_lookup)
+
     decoders = {
         "plain": SpeculativeDecoder(target_model),
         "fixed": SpeculativeDecoder(target_model, draft_model, k, speculation="fixed"),
-        "default": SpeculativeDecoder(
-            target_model, draft_model, k, speculation="adaptive",
-            confidence_threshold=config.confidence_threshold, draft_vocab=head_ids),
+        "default": policy(lookup),
+        "draft_only": policy(None),
     }
     for decoder in decoders.values():
         decoder.calibrate()
         decoder.generate(prompt_ids[0], 8, settings, eos)  # warm-up
     runs = {name: RunResult() for name in decoders}
-    for index, ids in enumerate(track(prompt_ids, description="plain / fixed / default",
+    for index, ids in enumerate(track(prompt_ids, description=" / ".join(decoders),
                                       transient=True)):
         for name, decoder in decoders.items():
             runs[name].decode(decoder, ids, config.max_new_tokens, settings, eos,
                               None if settings.greedy else config.seed + index)
 
-    plain, fixed, default = runs["plain"], runs["fixed"], runs["default"]
+    plain, fixed, default, draft_only = (runs[name] for name in decoders)
     results = {
         "num_prompts": len(prompt_ids),
         "plain_tokens_per_s": plain.tokens_per_s,
@@ -130,20 +142,25 @@ def bench(
         "spec_tokens_per_s": default.tokens_per_s,
         "speedup": default.tokens_per_s / plain.tokens_per_s,
         "fixed_k_speedup": fixed.tokens_per_s / plain.tokens_per_s,
+        "draft_only_speedup": draft_only.tokens_per_s / plain.tokens_per_s,
         "draft_cost_ratio": decoders["default"].policy.costs.draft_cost_ratio,
         "fixed_k_draft_cost_ratio": decoders["fixed"].policy.costs.draft_cost_ratio,
         "verify_cost_ratio": decoders["fixed"].policy.costs.verify_cost_ratio(k + 1),
         "greedy_identical": _identical(plain, default) if settings.greedy else None,
         "fixed_k_greedy_identical": _identical(plain, fixed) if settings.greedy else None,
+        "draft_only_greedy_identical": _identical(plain, draft_only) if settings.greedy else None,
         "draft_vocab_size": decoders["default"].draft_vocab_size,
         "draft_vocab_coverage": vocab.coverage(size) if head_ids else None,
         **_acceptance("", default.spec),
         **_acceptance("fixed_k_", fixed.spec),
+        **_acceptance("draft_only_", draft_only.spec),
         "plain_tokens": plain.num_tokens,
         "spec_tokens": default.num_tokens,
         "settings": {
             "target": config.target, "draft": config.draft, "prompts": config.prompts, "k": k,
             "confidence_threshold": config.confidence_threshold,
+            "prompt_lookup": [config.prompt_lookup_min, config.prompt_lookup_max]
+            if lookup else None,
             "max_tokens": config.max_new_tokens, "temperature": config.temperature,
             "dtype": str(models.dtype), "device": str(models.device),
         },
@@ -169,17 +186,21 @@ def _acceptance(prefix: str, spec: SpecDecodeCounts) -> dict:
 
 
 def _print_table(results: dict) -> None:
-    table = Table(title=f"plain vs fixed k vs default policy, {results['num_prompts']} prompts")
+    table = Table(title=f"plain vs fixed k vs default policy (and its draft alone), "
+                        f"{results['num_prompts']} prompts")
     table.add_column("measure")
     table.add_column("value", justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     for key in ("plain_tokens_per_s", "fixed_k_tokens_per_s", "spec_tokens_per_s", "speedup",
-                "fixed_k_speedup", "draft_cost_ratio", "fixed_k_draft_cost_ratio",
+                "fixed_k_speedup", "draft_only_speedup", "draft_cost_ratio", "fixed_k_draft_cost_ratio",
                 "verify_cost_ratio", "mean_acceptance_length", "fixed_k_mean_acceptance_length",
+                "draft_only_mean_acceptance_length",
                 "acceptance_rate", "greedy_identical", "fixed_k_greedy_identical",
+                "draft_only_greedy_identical",
                 "draft_vocab_size", "draft_vocab_coverage"):
         table.add_row(key, fmt(results[key]))
-    for key in ("acceptance_per_position", "fixed_k_acceptance_per_position"):
+    for key in ("acceptance_per_position", "fixed_k_acceptance_per_position",
+                "draft_only_acceptance_per_position"):
         table.add_row(key, " ".join(f"{p:.2f}" for p in results[key]))
     table.add_row("steps_by_draft_length", " ".join(map(str, results["steps_by_draft_length"])))
     Console().print(table)
