@@ -321,7 +321,7 @@ class VllmEngine:
     def _check_models(self) -> PreTrainedTokenizerBase:
         """Load the tokenizer(s) and check the draft pairs with the target; return the target's."""
         config = self.config
-        tokenizer = load_tokenizer(config.target)
+        tokenizer = load_tokenizer(config.tokenizer or config.target)
         if config.speculative:
             assert config.draft is not None
             check_draft_pairing(
@@ -342,7 +342,7 @@ class VllmEngine:
         target = resolve_model(config.target)
         settings: dict[str, Any] = dict(
             model=target,
-            tokenizer=target,
+            tokenizer=resolve_model(config.tokenizer) if config.tokenizer else target,
             served_model_name=config.served_model_name or config.target,
             dtype=dtype,
             max_model_len=config.max_model_len,
@@ -354,6 +354,8 @@ class VllmEngine:
         )
         if memory is not None:
             settings["gpu_memory_utilization"] = memory
+        if config.seed is not None:
+            settings["seed"] = config.seed
         speculative = self._speculative_config()
         if speculative is not None:
             settings["speculative_config"] = speculative

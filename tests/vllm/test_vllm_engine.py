@@ -232,3 +232,11 @@ def test_speculation_settings_map_to_vllms_speculative_config(real_model_path, d
     assert (lookup["method"], lookup["prompt_lookup_min"], lookup["prompt_lookup_max"]) == (
         "ngram", 2, 3)
     assert VllmEngine(EngineConfig(**base, prompt_lookup_max=0))._speculative_config() is None
+
+
+def test_tokenizer_and_seed_reach_vllm(real_model_path, draft_path):
+    config = EngineConfig(target=str(real_model_path), tokenizer=str(draft_path), seed=11)
+    args = VllmEngine(config)._engine_args("cpu")
+    assert (args.model, args.tokenizer, args.seed) == (str(real_model_path), str(draft_path), 11)
+    assert VllmEngine(EngineConfig(target=str(real_model_path)))._engine_args("cpu").tokenizer \
+        == str(real_model_path)
