@@ -7,6 +7,9 @@ a bool a `--x/--no-x` flag, a number's bounds are checked by the parser and show
 repeatable option, and a nested model's fields options of their own (its defaults those of the
 parent's default instance). Options not given stay out of the values the model is built from,
 so the model's defaults (or, for `ServeConfig`, its environment and config file) apply.
+
+A command may also take `Spelling`s: other ways to write settings (vLLM's `serve MODEL`,
+`--speculative-config JSON`), each turned into the fields' values; they define no setting.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import functools
 import inspect
 import operator
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,56 @@ HIDDEN_ALIASES = {
     "drain_timeout_s": "--drain-timeout",
 }
 _ALIAS_SUFFIX = "__alias"
+_SPELLING_SUFFIX = "__spelling"
+_SPELLINGS_PANEL = "Other spellings"
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """Another way to write settings on the command line: a positional argument (`name` in
+    capitals, "MODEL") or an option ("--model") whose value `to_fields` turns into the values of
+    the model's fields (raising TypeError or ValueError for a value it cannot take)."""
+
+    name: str
+    help: str
+    to_fields: Callable[[str], dict[str, Any]]
+
+    @property
+    def parameter(self) -> inspect.Parameter:
+        declared: Any = typer.Option(self.name, help=self.help, show_default=False,
+                                     rich_help_panel=_SPELLINGS_PANEL)
+        identifier = self.name.lstrip("-").replace("-", "_")
+        if not self.name.startswith("--"):
+            declared = typer.Argument(metavar=self.name, help=self.help, show_default=False,
+                                      rich_help_panel=_SPELLINGS_PANEL)
+            identifier = f"positional_{self.name.lower()}"
+        identifier += _SPELLING_SUFFIX
+        return inspect.Parameter(identifier, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[str | None, declared])
+
+
+def spelled_values(
+    spellings: Iterable[Spelling], values: Mapping[str, Any], given_names: set[str],
+    given: dict[str, Any],
+) -> dict[str, Any]:
+    """`given` with the fields the spellings on the command line set; a field set twice to
+    different values is a usage error naming both."""
+    merged = dict(given)
+    for spelling in spellings:
+        name = spelling.parameter.name
+        if name not in given_names:
+            continue
+        try:
+            fields = spelling.to_fields(values[name])
+        except (TypeError, ValueError) as error:
+            raise typer.BadParameter(str(error), param_hint=spelling.name) from None
+        for field, value in fields.items():
+            if field in merged and merged[field] != value:
+                raise typer.BadParameter(
+                    f"sets {field} to {value!r}, which is also given as {merged[field]!r}",
+                    param_hint=spelling.name)
+            merged[field] = value
+    return merged
 
 
 def _split_commas(value: Any) -> Any:
@@ -256,9 +309,10 @@ def config_command(
     name: str | None = None,
     build: Callable[[dict[str, Any]], M] | None = None,
     errors: Callable[[], AbstractContextManager[None]] = usage_errors,
+    spellings: Sequence[Spelling] = (),
 ) -> Callable[[Handler], Handler]:
     """Register `handler(config, **own_options)` as a command whose options are `model`'s fields
-    followed by the handler's own parameters.
+    followed by the handler's own parameters, and `spellings` of the fields.
 
     `build` turns the given options into the model (default: validated over the defaults),
     inside `errors`, which reports what it raises."""
@@ -275,7 +329,8 @@ def config_command(
 
         def command(ctx: typer.Context, **values: Any) -> None:
             given_names = {name for name in values if _on_command_line(ctx, name)}
-            given = given_values(model, options, values, given_names)
+            given = spelled_values(spellings, values, given_names,
+                                   given_values(model, options, values, given_names))
             with errors():
                 config = (
                     build(given) if build
@@ -283,7 +338,7 @@ def config_command(
                 )
             handler(config, **{parameter.name: values[parameter.name] for parameter in own})
 
-        parameters = [*derived, *own, *aliases]
+        parameters = [*derived, *own, *aliases, *(spelling.parameter for spelling in spellings)]
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                     annotation=typer.Context)
         command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -293,6 +348,7 @@ def config_command(
         command.__name__ = handler.__name__
         command.config_model = model  # type: ignore[attr-defined]
         command.config_options = options  # type: ignore[attr-defined]
+        command.config_spellings = tuple(spellings)  # type: ignore[attr-defined]
         app.command(name or handler.__name__.replace("_", "-"))(command)
         return handler
 
