@@ -11,11 +11,13 @@ import asyncio
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from afa_serve.api.errors import invalid_request
 from afa_serve.api.schemas import (
     MAX_CHOICES,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     SamplingFields,
 )
@@ -52,7 +54,13 @@ class Plan:
         return sum(self.prompt_lengths)
 
 
-def _chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(
+    tokenizer, messages: list[ChatMessage], variables: dict[str, Any] | None,
+    add_generation_prompt: bool = True, continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The messages rendered by the chat template, as token ids; a 400 naming `messages` or
+    `chat_template_kwargs` where they cannot be rendered."""
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_request(
             "This model has no chat template; use /v1/completions.", param="messages"
@@ -60,9 +68,9 @@ def _chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
     conversation = [
         # OpenAI's `developer` role is the `system` role of chat templates.
         {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-        for m in request.messages
+        for m in messages
     ]
-    variables = request.chat_template_kwargs or {}
+    variables = variables or {}
     arguments = inspect.signature(tokenizer.apply_chat_template).parameters
     reserved = sorted(variables.keys() & arguments.keys())
     if reserved:
@@ -71,7 +79,8 @@ def _chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
             param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False, **variables
+            conversation, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False, **variables
         )
     except Exception as error:  # the template's own checks (e.g. alternating roles)
         logger.info("chat template refused the messages: %s", error)
@@ -79,7 +88,7 @@ def _chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
             f"The chat template cannot render these messages: {error}", param="messages"
         ) from None
     # The template already holds the special tokens (BOS, role markers).
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def _completion_prompt_ids(tokenizer, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -218,7 +227,8 @@ async def plan_chat(
     request: ChatCompletionRequest, tokenizer, info: ModelInfo, response_id: str,
     arrival_time: float,
 ) -> Plan:
-    ids = await asyncio.to_thread(_chat_prompt_ids, tokenizer, request)
+    ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, request.messages,
+                                  request.chat_template_kwargs)
     budget = _max_tokens(
         request.max_output_tokens, None, len(ids), info, "messages",
         request.max_output_tokens_param,
