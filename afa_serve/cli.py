@@ -13,6 +13,7 @@ from afa_serve.config_cli import config_command, validation_message
 from afa_serve.engine.base import Engine
 from afa_serve.engine.vllm_support import require_vllm, vllm_unavailable_reason
 from afa_serve.models.cli import app as models_app
+from afa_serve.vllm_spellings import SERVE_SPELLINGS
 
 app = typer.Typer(
     help="LLM serving with lossless speculative decoding and AFA-LoRA-trained draft models.",
@@ -41,7 +42,7 @@ def build_engine(config: ServeConfig) -> Engine:
         return VllmEngine(config.engine_config())
     from afa_serve.engine.torch_engine import TorchEngine
 
-    return TorchEngine(config.engine_config())
+    return TorchEngine(config.engine_config(), torch_threads=config.torch_threads)
 
 
 def load_serve_config(flags: dict[str, object]) -> ServeConfig:
@@ -57,7 +58,7 @@ def load_serve_config(flags: dict[str, object]) -> ServeConfig:
         ) from None
 
 
-@config_command(app, ServeConfig, build=load_serve_config)
+@config_command(app, ServeConfig, build=load_serve_config, spellings=SERVE_SPELLINGS)
 def serve(config: ServeConfig) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, /metrics).
 

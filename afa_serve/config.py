@@ -13,20 +13,50 @@ Every value is validated here, whatever its source; an unknown key is an error.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from afa_serve.api.state import DEFAULT_MAX_BODY_BYTES, ApiOptions
+from afa_serve.api.state import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    ApiOptions,
+)
+from afa_serve.config_cli import comma_separated
 from afa_serve.engine.config import EngineConfig
 
 ENV_PREFIX = "AFA_SERVE_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
+
+
+def _json_lists(value: Any) -> Any:
+    """vLLM's spelling of a list, '["a", "b"]', as its items (among other items or alone)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return value
+    items: list[Any] = []
+    for item in value:
+        is_json = isinstance(item, str) and item.lstrip().startswith("[")
+        items += json.loads(item) if is_json else [item]
+    return items
+
+
+# NoDecode: AFA_SERVE_ALLOWED_ORIGINS may be comma-separated too, not only JSON.
+Origins = Annotated[comma_separated(str), BeforeValidator(_json_lists), NoDecode]
 
 
 class ConfigFileError(ValueError):
@@ -78,13 +108,38 @@ class ServeConfig(BaseSettings, EngineConfig):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
-        None, description="Require `Authorization: Bearer KEY` on every route but /health.")
+        None, description="Require `Authorization: Bearer KEY` on every route but /health; "
+        "unset it to serve without a key (an empty key is an error).")
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1024, description="Larger request bodies get 413.")
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES, ge=1024, description="Larger request lines and headers get "
+        "431 and a closed connection.")
+    request_timeout_s: float = Field(
+        DEFAULT_REQUEST_TIMEOUT_S, gt=0, description="Seconds a client has to send a whole "
+        "request (headers and body); then 408 or a closed connection.")
+    max_connections: int = Field(
+        DEFAULT_MAX_CONNECTIONS, ge=1, description="Open connections at most; a new one "
+        "beyond them gets 503 and is closed.")
+    torch_threads: int = Field(
+        1, ge=1, description="Torch engine: CPU threads for one operation (torch's intra-op "
+        "threads). 1 measured fastest for one request on a shared 2-core host; raise it on "
+        "a dedicated many-core CPU host.")
+    allowed_origins: Origins = Field(
+        (), description="Origins whose web pages may call the API (CORS), e.g. "
+        "https://app.example or *; none by default. Also a JSON list, as vLLM's.")
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, seconds to let running requests finish.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and its engine.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the API key is empty: set a key, or unset AFA_SERVE_API_KEY "
+                             "(and --api-key) to serve without one")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -102,4 +157,8 @@ class ServeConfig(BaseSettings, EngineConfig):
         return ApiOptions(
             api_key=self.api_key.get_secret_value() if self.api_key else None,
             max_body_bytes=self.max_body_bytes,
+            max_header_bytes=self.max_header_bytes,
+            request_timeout_s=self.request_timeout_s,
+            max_connections=self.max_connections,
+            allowed_origins=self.allowed_origins,
         )

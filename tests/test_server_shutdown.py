@@ -1,9 +1,12 @@
 """Shutting down: `afa-serve serve` as a real process takes its settings from a config file and
-the environment and, on SIGTERM, stops accepting, lets the running stream finish and exits 0;
-what outlives the drain timeout is cut."""
+the environment and, on SIGTERM, drains: it keeps listening and answers new requests and
+/health with 503 + Retry-After, lets the running stream finish and exits 0; a stream that
+outlives the drain timeout ends with a last chunk (finish_reason set) and `data: [DONE]`, and
+the process exits soon after, with no traceback in its log."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,13 +24,14 @@ from tests.api_harness import TINY, running_server, tiny_engine
 from tests.conftest import tiny_llama
 
 NAME = "tiny-from-file"
+AUTH = {"Authorization": "Bearer k3y"}
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, real_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     model = tiny_llama(vocab_size=len(real_tokenizer), layers=2)
-    model.config.max_position_embeddings = 2048  # room for long streams (RoPE has no limit)
+    model.config.max_position_embeddings = 8192  # room for long streams (RoPE has no limit)
     model.save_pretrained(folder)
     real_tokenizer.save_pretrained(folder)
     return folder
@@ -42,7 +46,7 @@ def free_port() -> int:
 def start_server(model_dir: Path, tmp_path: Path, drain_timeout_s: float):
     config = tmp_path / "serve.yaml"
     config.write_text(f"target: {model_dir}\nserved-model-name: {NAME}\nengine: torch\n"
-                      f"max_model_len: 1024\ndrain_timeout_s: {drain_timeout_s}\n")
+                      f"max_model_len: 8192\ndrain_timeout_s: {drain_timeout_s}\n")
     port = free_port()
     env = {**os.environ, "AFA_SERVE_CONFIG": str(config), "AFA_SERVE_API_KEY": "k3y"}
     process = subprocess.Popen(
@@ -77,7 +81,7 @@ def stream_in_background(url: str, max_tokens: int, model: str = NAME, api_key: 
                 first_chunk.set()
                 if chunk.choices and chunk.choices[0].finish_reason:
                     result["finish"] = chunk.choices[0].finish_reason
-        except Exception as error:  # the stream cut at the drain timeout
+        except Exception as error:  # noqa: BLE001 - recorded; the tests expect none
             result["error"] = error
         first_chunk.set()
 
@@ -89,29 +93,64 @@ def stream_in_background(url: str, max_tokens: int, model: str = NAME, api_key: 
 def test_sigterm_drains_the_running_stream_and_exits_0(tiny_model_dir, tmp_path):
     process, url = start_server(tiny_model_dir, tmp_path, drain_timeout_s=60)
     try:
-        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
+        models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
         assert [m["id"] for m in models["data"]] == [NAME]  # from the config file
+        assert models["data"][0]["root"] == tiny_model_dir.name  # its name, not its path
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key from the env
+        keep_alive = httpx.Client(headers=AUTH)
+        assert keep_alive.get(f"{url}/v1/models").status_code == 200
 
         first_chunk, result, thread = stream_in_background(url, max_tokens=600)
         assert first_chunk.wait(30)
         process.send_signal(signal.SIGTERM)
         chunks_at_signal = result["chunks"]
         time.sleep(0.3)
-        with pytest.raises(httpx.TransportError):  # no longer accepting connections
-            httpx.get(f"{url}/health", timeout=2)
+        health = httpx.get(f"{url}/health", timeout=2)  # still listening, and says so
+        assert health.status_code == 503 and health.headers["Retry-After"] == "1"
+        for refused in (
+            httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=2,
+                       json={"model": NAME, "prompt": "hi", "max_tokens": 2}),
+            keep_alive.get(f"{url}/v1/models"),  # an open keep-alive connection
+        ):
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "shutting_down"
         thread.join(60)
         assert result["error"] is None and result["finish"] == "length"
         assert result["chunks"] > chunks_at_signal + 50  # it went on after the signal
         assert process.wait(60) == 0
+        assert "Traceback" not in process.stdout.read()
     finally:
         process.kill()
 
 
-def test_streams_that_outlive_the_drain_timeout_are_cut_and_the_server_returns(
-    real_tokenizer,
+def test_a_stream_that_outlives_the_drain_timeout_ends_whole_and_the_process_exits(
+    tiny_model_dir, tmp_path
 ):
-    """The timeout branch, in-process: uvicorn cancels what is left and the engine stops."""
+    process, url = start_server(tiny_model_dir, tmp_path, drain_timeout_s=2)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=30, json={
+            "model": NAME, "prompt": "Tell me a story", "max_tokens": 8000, "stream": True,
+            "ignore_eos": True,
+        }) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            events = [line for line in lines if line]  # to the end: a whole chunked body
+        exited = process.wait(30)
+        took = time.monotonic() - signalled
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] == "abort"
+        assert all(json.loads(e.removeprefix("data: "))["choices"][0]["finish_reason"] is None
+                   for e in events[:-2])
+        assert exited == 0 and 2 <= took < 2 + 3  # the timeout, the cut's grace and a step
+        assert "Traceback" not in process.stdout.read()
+    finally:
+        process.kill()
+
+
+def test_leaving_an_in_process_server_cuts_its_streams_the_same_way(real_tokenizer):
     engine = tiny_engine(real_tokenizer, k=0, max_model_len=8192)
     with running_server(engine, drain_timeout_s=0.5) as server:
         first_chunk, result, thread = stream_in_background(server.url, max_tokens=8000,
@@ -120,5 +159,5 @@ def test_streams_that_outlive_the_drain_timeout_are_cut_and_the_server_returns(
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 5
     thread.join(30)
-    assert result["finish"] is None  # cut before its end
+    assert result["error"] is None and result["finish"] == "abort"
     assert engine.stats().num_running == 0

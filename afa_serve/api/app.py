@@ -8,8 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 
 from afa_serve import __version__
+from afa_serve.api.admission import Admission
 from afa_serve.api.errors import install_error_handlers
 from afa_serve.api.middleware import (
     CountRequests,
@@ -17,8 +19,10 @@ from afa_serve.api.middleware import (
     RefuseWhileDraining,
     RequireApiKey,
 )
+from afa_serve.api.prompt_size import max_prompt_chars
 from afa_serve.api.routes import router
 from afa_serve.api.state import ApiOptions, ServerState
+from afa_serve.api.tokenization import router as tokenization_router
 from afa_serve.engine.base import Engine
 from afa_serve.metrics import ServerMetrics
 
@@ -53,6 +57,8 @@ def create_app(engine: Engine, options: ApiOptions | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         state.metrics = ServerMetrics(engine)
+        state.admission = Admission(engine.config.max_num_seqs + engine.config.max_queue)
+        state.max_prompt_chars = max_prompt_chars(engine.tokenizer, engine.info.max_model_len)
         try:
             yield
         finally:
@@ -67,10 +73,14 @@ def create_app(engine: Engine, options: ApiOptions | None = None) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenization_router)
     # add_middleware wraps: the last added runs first.
     app.add_middleware(LimitBodySize, max_bytes=state.options.max_body_bytes)
-    app.add_middleware(RefuseWhileDraining, draining=lambda: state.draining)
+    app.add_middleware(RefuseWhileDraining, state=state)
     app.add_middleware(RequireApiKey, api_key=state.options.api_key)
     app.add_middleware(CountRequests, metrics=lambda: state.metrics)
+    if state.options.allowed_origins:  # outermost: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.options.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app

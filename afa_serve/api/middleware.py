@@ -1,8 +1,9 @@
 """Plain ASGI middleware (no BaseHTTPMiddleware: it would get in the way of streaming and of
 noticing disconnects): request counting, API key, draining, and the body size limit.
 
-Outermost first: count -> API key -> draining -> body limit -> the app. So refusals from the
-inner three are counted, and a body is read only for a caller holding the key.
+Outermost first: count -> API key -> draining (and counting what is in flight) -> body limit
+-> the app. So refusals from the inner three are counted, and a body is read only for a caller
+holding the key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from afa_serve.api.errors import APIError, invalid_request, unavailable
+from afa_serve.api.state import ServerState
 from afa_serve.metrics import ServerMetrics
 
 GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -57,17 +59,19 @@ class CountRequests:
 
 
 class RequireApiKey:
-    """`Authorization: Bearer KEY` on every path but /health, when a key is configured."""
+    """`Authorization: Bearer KEY` on every path but /health, when a key is configured; the
+    scheme's case does not matter (RFC 7235), the key's does."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if secrets.compare_digest(given, self.expected):
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(key.strip(b" "),
+                                                                  self.expected):
             return await self.app(scope, receive, send)
         error = APIError(
             401,
@@ -79,17 +83,24 @@ class RequireApiKey:
 
 
 class RefuseWhileDraining:
-    """503 + Retry-After for new generation requests once the server is shutting down."""
+    """Once the server is shutting down, 503 + Retry-After for every new request (/health
+    says so itself); counts the requests being answered, for the drain to wait on."""
 
-    def __init__(self, app: ASGIApp, draining: Callable[[], bool]):
+    def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
-        self.draining = draining
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in GENERATION_ENDPOINTS and self.draining():
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        if self.state.draining:
             error = unavailable("The server is shutting down; retry on another instance.")
             return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 class LimitBodySize:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from afa_serve.api.errors import from_engine_error, model_not_found
 from afa_serve.api.logprobs import LogprobFormatter
+from afa_serve.api.prompt_size import check_prompt_size
 from afa_serve.api.prompting import Plan, plan_chat, plan_completion
 from afa_serve.api.responses import (
     ResponseAccount,
@@ -126,11 +127,14 @@ async def _generate(
     info = engine.info
     if body.model != info.name:
         raise model_not_found(body.model)
+    check_prompt_size(body, state.max_prompt_chars, info.max_model_len)
     response_id = f"{id_prefix}-{uuid.uuid4().hex}"
     planned = await plan(body, engine.tokenizer, info, response_id, received)
+    reservation = state.admission.reserve(len(planned.choices))
     observers = {c.request.request_id: metrics.observer() for c in planned.choices}
     streams = ChoiceStreams(engine, planned.choices, request.receive,
-                            observe=lambda delta: observers[delta.request_id].observe(delta))
+                            observe=lambda delta: observers[delta.request_id].observe(delta),
+                            cut=state.cut, release=reservation.release)
     try:
         await streams.start()
     except ClientDisconnected:

@@ -14,6 +14,7 @@ OpenAI answers it: "Unrecognized request argument supplied".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,11 +23,14 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetJsonSchemaHandler,
     Tag,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 MAX_CHOICES = 16  # n, and n times the number of prompts of a batched completion
 MAX_PROMPTS = 16  # prompts in one batched completion request
@@ -34,6 +38,19 @@ MAX_STOP_SEQUENCES = 16
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class _NeutralOnly(AfterValidator):
+    """An AfterValidator whose field's JSON schema lists the values it accepts."""
+
+    accepted: tuple[object, ...] = ()
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"enum": list(self.accepted),
+                "description": "Not supported; accepted only as a no-op: one of these values."}
 
 
 def _neutral_only(*neutral: object) -> AfterValidator:
@@ -49,7 +66,7 @@ def _neutral_only(*neutral: object) -> AfterValidator:
             {"field": info.field_name, "accepted": accepted},
         )
 
-    return AfterValidator(check)
+    return _NeutralOnly(check, accepted=(None, *neutral))
 
 
 def _valid_unicode(value: str) -> str:
@@ -237,9 +254,10 @@ class OtherPart(BaseModel):
 
 ContentPart = Annotated[
     Annotated[TextPart, Tag("type=text")] | Annotated[RefusalPart, Tag("type=refusal")]
-    | Annotated[OtherPart, _unsupported_part("image"), Tag("type=image_url")]
-    | Annotated[OtherPart, _unsupported_part("audio"), Tag("type=input_audio")]
-    | Annotated[OtherPart, _unsupported_part("file"), Tag("type=file")],
+    # refused, with the reason: not in the schema
+    | Annotated[OtherPart, _unsupported_part("image"), Tag("type=image_url"), SkipJsonSchema()]
+    | Annotated[OtherPart, _unsupported_part("audio"), Tag("type=input_audio"), SkipJsonSchema()]
+    | Annotated[OtherPart, _unsupported_part("file"), Tag("type=file"), SkipJsonSchema()],
     Discriminator(lambda part: "type=" + str(part.get("type") if isinstance(part, dict)
                                              else getattr(part, "type", None)),
                   custom_error_type="unknown_content_part",
@@ -253,7 +271,10 @@ class ChatMessage(StrictModel):
     """A message of the conversation. Text only: image, audio and file parts are refused, and
     so are tool calls and tool results (this server has no tools)."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Annotated[  # tool and function results are refused with the reason: not in the schema
+        Literal["system", "developer", "user", "assistant", "tool", "function"],
+        WithJsonSchema({"enum": ["system", "developer", "user", "assistant"],
+                        "type": "string"})]
     tool_calls: Annotated[list[dict[str, Any]] | None, _neutral_only([])] = None
     function_call: Annotated[dict[str, Any] | None, _neutral_only()] = None
     content: Text | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(

@@ -11,7 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from afa_serve.engine.config import EngineConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -237,9 +241,19 @@ class EngineStats:
         )
 
 
+def public_model_name(model: str) -> str:
+    """A model as clients may see it: a local folder by its own name, never the server's path
+    to it; a hub id or packaged model name as given."""
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        return path.resolve().name
+    return model
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """What is being served, for /v1/models and the info metric."""
+    """What is being served, for /v1/models, responses and the info metric: names only, as
+    `public_model_name` makes them, whatever paths the engine was given."""
 
     name: str  # the name clients use in the `model` field
     target: str
@@ -251,10 +265,18 @@ class ModelInfo:
     device: str
     speculation: str = "fixed"  # how each step's k is chosen: adaptive, fixed or off
 
+    def __post_init__(self) -> None:
+        for name in ("name", "target", "draft"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, public_model_name(value))
+
 
 @runtime_checkable
 class Engine(Protocol):
     """What the API layer needs of an engine. Implementations: TorchEngine, VllmEngine."""
+
+    config: EngineConfig  # what it serves; it holds max_num_seqs + max_queue requests at once
 
     @property
     def info(self) -> ModelInfo: ...

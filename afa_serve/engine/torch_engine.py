@@ -3,19 +3,22 @@
 Requests wait in a bounded queue, up to `max_num_seqs` run at once, and the
 scheduler gives each running sequence one speculative step per round (fair
 interleaving). Deltas go back to the asyncio side through each request's own
-queue; an aborted request is retired before its next step, freeing its caches.
+queue. A request takes a free running slot as it is admitted, so at most `max_queue` wait; an
+aborted or finished one leaves at once (the gauges with it) and is never stepped again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -73,8 +76,9 @@ class _Sequence:
 class TorchEngine:
     """Implements `afa_serve.engine.base.Engine` on Hugging Face models."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, torch_threads: int | None = None):
         self.config = config
+        self._torch_threads = torch_threads  # None: leave torch's own setting
         self._decoder: SpeculativeDecoder | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._eos_ids: frozenset[int] = frozenset()
@@ -86,6 +90,8 @@ class TorchEngine:
         self._stats = EngineStats()
         self._closing = False
         self._thread: threading.Thread | None = None
+        # the seeds of requests without their own, from --seed
+        self._seeds = None if config.seed is None else random.Random(config.seed)
 
     @classmethod
     def from_models(
@@ -96,10 +102,11 @@ class TorchEngine:
         config: EngineConfig | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | None = None,
         draft_vocab: DraftVocab | None = None,
+        torch_threads: int | None = None,
     ) -> TorchEngine:
         """An engine over models already in memory (tests, notebooks, the trainer's eval)."""
         config = config or EngineConfig(target=target.name_or_path or "target")
-        engine = cls(config)
+        engine = cls(config, torch_threads)
         engine._adopt(target, tokenizer, draft, draft_tokenizer or tokenizer, draft_vocab)
         return engine
 
@@ -121,7 +128,7 @@ class TorchEngine:
         if self._decoder is None:
             await asyncio.to_thread(self._load)
         if self._thread is None:
-            await asyncio.to_thread(self._decoder.calibrate)
+            await asyncio.to_thread(self._calibrate)
             self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
             self._thread.start()
 
@@ -142,13 +149,9 @@ class TorchEngine:
     async def abort(self, request_id: str) -> None:
         with self._lock:
             sequence = self._by_id.get(request_id)
-            if sequence is None:
-                return
-            sequence.aborted = True
-            if sequence in self._waiting:
-                self._waiting.remove(sequence)
-                self._forget(sequence)
-            self._lock.notify()
+            if sequence is not None:
+                self._retire(sequence)
+                self._lock.notify()
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -163,7 +166,7 @@ class TorchEngine:
         with self._lock:
             self._closing = True
             for sequence in [*self._waiting, *self._running]:
-                sequence.aborted = True
+                self._retire(sequence)
             self._lock.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -176,7 +179,7 @@ class TorchEngine:
         dtype = resolve_dtype(self.config.dtype, device)
         logger.info("loading target %s (%s on %s)", self.config.target, dtype, device)
         target = load_model(self.config.target, dtype, device)
-        tokenizer = load_tokenizer(self.config.target)
+        tokenizer = load_tokenizer(self.config.tokenizer or self.config.target)
         draft = draft_tokenizer = draft_vocab = None
         if self.config.draft is not None and self.config.num_speculative_tokens > 0:
             logger.info("loading draft %s", self.config.draft)
@@ -289,46 +292,56 @@ class TorchEngine:
                 )
             self._waiting.append(sequence)
             self._by_id[request.request_id] = sequence
-            self._stats.num_waiting = len(self._waiting)
+            self._schedule()
             self._lock.notify()
         return sequence
 
-    def _forget(self, sequence: _Sequence) -> None:
-        """Drop a sequence's bookkeeping; call with the lock held."""
-        self._by_id.pop(sequence.request.request_id, None)
-        sequence.state = None
+    def _schedule(self) -> None:
+        """Move waiting sequences into free running slots and update the gauges; call with the
+        lock held. Run on admission too, so `waiting` never exceeds max_queue."""
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
+            sequence = self._waiting.popleft()
+            sequence.timings.scheduled = time.monotonic()
+            self._running.append(sequence)
         self._stats.num_waiting = len(self._waiting)
         self._stats.num_running = len(self._running)
 
+    def _retire(self, sequence: _Sequence) -> None:
+        """Take a sequence out of the queue or the running set at once (it finished or was
+        aborted) and give its slot to the next waiting one; call with the lock held. Its caches
+        go with its last reference: the scheduler skips a retired sequence it still holds."""
+        sequence.aborted = sequence.aborted or not sequence.finished
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+        elif sequence in self._running:
+            self._running.remove(sequence)
+        self._by_id.pop(sequence.request.request_id, None)
+        self._schedule()
+
     # -- the scheduler thread ----------------------------------------------------------------
 
+    def _use_threads(self) -> None:
+        """Apply `torch_threads` to the calling thread: with OpenMP each thread keeps its own
+        count once it has computed, so the threads that compute set it themselves."""
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+
+    def _calibrate(self) -> None:
+        self._use_threads()
+        self._decoder.calibrate()
+
     def _run(self) -> None:
+        self._use_threads()
         while True:
             with self._lock:
                 while not (self._waiting or self._running or self._closing):
                     self._lock.wait()
-                self._retire_aborted()
                 if self._closing and not self._running and not self._waiting:
                     return
-                while self._waiting and len(self._running) < self.config.max_num_seqs:
-                    sequence = self._waiting.popleft()
-                    sequence.timings.scheduled = time.monotonic()
-                    self._running.append(sequence)
-                self._stats.num_waiting = len(self._waiting)
-                self._stats.num_running = len(self._running)
                 batch = list(self._running)
             for sequence in batch:
                 if not sequence.aborted:
                     self._advance(sequence)
-
-    def _retire_aborted(self) -> None:
-        """Remove aborted sequences; call with the lock held."""
-        for sequence in [s for s in self._running if s.aborted]:
-            self._running.remove(sequence)
-            self._forget(sequence)
-        for sequence in [s for s in self._waiting if s.aborted]:
-            self._waiting.remove(sequence)
-            self._forget(sequence)
 
     def _advance(self, sequence: _Sequence) -> None:
         """Take one step of a sequence and send its delta, retiring it first if it finished."""
@@ -340,22 +353,27 @@ class TorchEngine:
             delta = error
         if sequence.finished:
             with self._lock:
-                self._running.remove(sequence)
-                self._forget(sequence)
+                self._retire(sequence)
         sequence.send(delta)
+
+    def _seed(self, params: SamplingParams) -> int | None:
+        """The request's seed, else the next of --seed's sequence (none: unseeded)."""
+        if params.seed is not None or self._seeds is None:
+            return params.seed
+        return self._seeds.getrandbits(63)
 
     def _step(self, sequence: _Sequence) -> Delta:
         """Prefill a new sequence or take one speculative step; return the delta."""
         request, decoder = sequence.request, self._decoder
         params = request.params
-        first = sequence.state is None
-        if sequence.state is None:
-            sequence.state = decoder.prefill(
-                list(request.prompt_token_ids), self._settings(params), params.seed,
+        state = sequence.state
+        first = state is None
+        if state is None:
+            state = sequence.state = decoder.prefill(
+                list(request.prompt_token_ids), self._settings(params), self._seed(params),
                 params.logprobs, params.prompt_logprobs)
             with self._lock:
                 self._stats.prompt_tokens += len(request.prompt_token_ids)
-        state = sequence.state
         step = decoder.step(state, params.max_tokens - sequence.output.num_generated)
         update = sequence.output.add(step.tokens)
         logprobs = None if step.logprobs is None else tuple(
