@@ -4,7 +4,8 @@ afa-serve on the torch engine, afa-serve on the vLLM engine, and vLLM's own Open
 
 For each request it compares what a client sees: HTTP status, error type and param, finish and
 stop reasons, usage, greedy text, the fields of responses and stream chunks, the order of a
-stream's chunks and the per-response speculative figures. afa-serve's two engines must agree on
+stream's chunks and the per-response speculative figures; of vLLM's /tokenize, /detokenize and
+/version, the fields and values of the body (the version aside). afa-serve's two engines must agree on
 all of it but the speculative figures (each engine drafts its own way); where afa-serve and vLLM's server differ, the difference must be
 one of `DEPARTURES`, which say who follows OpenAI's API (afa-serve does, where they differ).
 The table of differences is written to bench/results/conformance.md.
@@ -13,6 +14,7 @@ The table of differences is written to bench/results/conformance.md.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +61,18 @@ class Case:
 
 def stream(create: Callable[..., Any], **kwargs: Any) -> list[Any]:
     return list(create(stream=True, **kwargs))
+
+
+def utility(path: str, body: dict[str, Any] | None = None) -> Callable[[OpenAI], Any]:
+    """A call to one of vLLM's routes outside /v1 (/tokenize, /detokenize, /version)."""
+
+    def call(client: OpenAI) -> dict[str, Any]:
+        url = str(client.base_url).rstrip("/").removesuffix("/v1") + path
+        if body is None:
+            return client.get(url, cast_to=dict)
+        return client.post(url, body=body, cast_to=dict)
+
+    return call
 
 
 CASES = [
@@ -116,6 +130,18 @@ CASES = [
         c.completions.create, prompt="The capital of France is", max_tokens=4,
         stream_options={"include_usage": True, "continuous_usage_stats": True}, **GREEDY),
         "vLLM's extension: usage on every chunk"),
+    # -- vLLM's utility routes
+    Case("tokenize a prompt", utility("/tokenize", {
+        "model": NAME, "prompt": "The capital of France is", "return_token_strs": True}),
+        "vLLM's route (not OpenAI's): count, max_model_len, tokens, token_strs"),
+    Case("tokenize messages", utility("/tokenize", {"model": NAME, "messages": CHAT}),
+         "vLLM's route: the chat template's tokens, generation prompt included"),
+    Case("detokenize", utility("/detokenize", {"model": NAME, "tokens": [504, 3575, 282, 4649]}),
+         "vLLM's route: the text of the tokens"),
+    Case("version", utility("/version"), "vLLM's route: the server's version"),
+    Case("tokenize with an unknown model", utility("/tokenize", {
+        "model": "no-such-model", "prompt": "hi"}),
+        "vLLM's route: 404, param model", expect=(404, "model")),
     # -- bad inputs
     Case("unknown model", lambda c: c.completions.create(
         model="no-such-model", prompt="hi", max_tokens=4),
@@ -250,6 +276,8 @@ class Outcome:
                         "error param": str(error.param)})
         if isinstance(result, list):
             return cls({"status": "200", **stream_aspects(result, case.greedy)})
+        if isinstance(result, dict):  # a utility route's body
+            return cls({"status": "200", **utility_aspects(result)})
         return cls({"status": "200", **body_aspects(result.model_dump(exclude_unset=True),
                                                     case.greedy)})
 
@@ -290,6 +318,12 @@ def body_aspects(body: dict[str, Any], greedy: bool) -> dict[str, str]:
         aspects["text"] = " | ".join(
             repr(c["message"]["content"] if chat else c["text"]) for c in choices)
     return aspects
+
+
+def utility_aspects(body: dict[str, Any]) -> dict[str, str]:
+    """A utility route's fields and values (the version aside: each server has its own)."""
+    return {"fields": ", ".join(sorted(body)),
+            **{name: json.dumps(value) for name, value in body.items() if name != "version"}}
 
 
 def logprobs_summary(logprobs: dict[str, Any]) -> str:
