@@ -43,18 +43,27 @@ class OutputAssembler:
         self.num_generated = 0
 
     def add(self, token_ids: list[int]) -> OutputUpdate:
+        """Take a step's new tokens one at a time, exactly as if each came in a step of its
+        own, so that where the output stops never depends on how many tokens a step made."""
         kept: list[int] = []
         finish_reason: FinishReason | None = None
         stop_reason: str | int | None = None
         for token in token_ids:
             kept.append(token)
-            if token in self._end_ids:
-                finish_reason = "stop"
-                stop_reason = token if token in self._params.stop_token_ids else None
+            finish_reason, stop_reason = self._add_one(token)
+            if finish_reason is not None:
                 break
-        self.num_generated += len(kept)
-        self._ids.extend(kept)
+        return OutputUpdate(tuple(kept), self._take_text(finish_reason is not None),
+                            finish_reason, stop_reason)
 
+    def _add_one(self, token: int) -> tuple[FinishReason | None, str | int | None]:
+        self.num_generated += 1
+        self._ids.append(token)
+        finish_reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        if token in self._end_ids:
+            finish_reason = "stop"
+            stop_reason = token if token in self._params.stop_token_ids else None
         text_before = len(self._text)
         self._text += self._decode_new(final=finish_reason is not None)
         # as vLLM: no stop string ends the output before min_tokens
@@ -63,12 +72,11 @@ class OutputAssembler:
         if hit is not None:
             position, stop = hit
             self._text = self._text[:position]
-            finish_reason, stop_reason = "stop", stop
+            return "stop", stop
         if finish_reason is None and self.num_generated >= self._params.max_tokens:
             self._text += self._decode_new(final=True)
             finish_reason = "length"
-        return OutputUpdate(tuple(kept), self._take_text(finish_reason is not None),
-                            finish_reason, stop_reason)
+        return finish_reason, stop_reason
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens not decoded yet; held back while it ends in a partial character."""
