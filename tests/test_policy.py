@@ -84,7 +84,7 @@ def test_the_policy_picks_the_k_the_cost_formula_says(acceptance, c, verify):
     wanted = formula_best_k(acceptance, c, verify)
     request = RequestSpeculation()  # a new request starts from what the engine learnt
     assert policy.acceptance(request) == pytest.approx(acceptance, abs=1e-4)
-    assert policy.choose(request) == wanted
+    assert policy.choose(request).k == wanted
     speedups = policy.expected_speedups(request)
     assert speedups[0] == 1.0 and max(speedups) == pytest.approx(speedups[wanted])
 
@@ -103,18 +103,18 @@ def test_a_losing_draft_is_probed_with_back_off_and_a_recovering_one_comes_back(
     request = RequestSpeculation()
     for _ in range(200):
         policy.record(request, 2, 2, 0)
-    choices = [policy.choose(request) for _ in range(PROBE_INTERVAL)]
+    choices = [policy.choose(request).k for _ in range(PROBE_INTERVAL)]
     assert choices == [0] * (PROBE_INTERVAL - 1) + [1]  # plain, then one probe at k = 1
     policy.record(request, 1, 1, 0)  # the probe gained nothing: wait twice as long
-    assert request.probe_interval == 2 * PROBE_INTERVAL
+    assert request.probe.interval == 2 * PROBE_INTERVAL
     for _ in range(12):
-        request.probing = True
+        request.probe.probing = True
         policy.record(request, 1, 1, 0)
-    assert request.probe_interval == MAX_PROBE_INTERVAL
+    assert request.probe.interval == MAX_PROBE_INTERVAL
     # the text turns predictable: probes succeed, the request's own rates rise, k comes back
     for _ in range(50):
         policy.record(request, 2, 2, 2)
-    assert policy.choose(request) == 2
+    assert policy.choose(request).k == 2
 
 
 def test_fixed_and_off_ignore_the_measurements():
@@ -122,7 +122,7 @@ def test_fixed_and_off_ignore_the_measurements():
         policy = SpeculationPolicy(mode, 3)
         policy.costs.target_pass_s = [1.0, 5.0, 5.0, 5.0]
         policy.costs.draft_forward_s = 2.0
-        assert policy.choose(RequestSpeculation()) == wanted
+        assert policy.choose(RequestSpeculation()).k == wanted
 
 
 @pytest.mark.parametrize("mode,threshold", [("adaptive", 0.0), ("adaptive", 0.3),

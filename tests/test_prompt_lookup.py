@@ -6,7 +6,7 @@ import pytest
 
 from afa_serve.engine.base import GenerationRequest, SamplingParams
 from afa_serve.engine.config import EngineConfig
-from afa_serve.engine.policy import RequestSpeculation
+from afa_serve.engine.policy import PROBE_INTERVAL, RequestSpeculation
 from afa_serve.engine.prompt_lookup import PromptLookup
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.torch_engine import TorchEngine
@@ -54,14 +54,49 @@ def test_the_policy_weighs_lookup_with_the_formula_at_no_draft_cost(acceptance, 
     policy = policy_with(0.5, verify, max_k=4)  # the draft model's c plays no part
     policy.engine_lookup_stats = engine_stats_for(acceptance)
     wanted = formula_best_k(acceptance, 0.0, verify[:found + 1])
-    assert policy.choose_lookup(RequestSpeculation(), found) == wanted
+    choice = policy.choose(RequestSpeculation(), found, drafting=False)
+    assert (choice.k, choice.lookup) == (wanted, wanted > 0)
+
+
+@pytest.mark.parametrize("lookup,draft,c,wanted", [
+    ([0.9, 0.9, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5], 0.1, True),  # lookup is better and free
+    ([0.1, 0.1, 0.0, 0.0], [0.8, 0.8, 0.8, 0.8], 0.05, False),  # a weak match: the draft
+    ([0.3, 0.2, 0.1, 0.1], [0.3, 0.2, 0.1, 0.1], 0.1, True),  # as likely: the free one
+])
+def test_the_policy_gives_the_step_to_the_proposer_that_promises_more(lookup, draft, c, wanted):
+    verify = [1.0, 1.05, 1.1, 1.15, 1.2]
+    policy = policy_with(c, verify, max_k=4)
+    policy.engine_lookup_stats = engine_stats_for(lookup)
+    policy.engine_stats = engine_stats_for(draft)
+    request = RequestSpeculation()
+    lookup_speedups = policy.expected_speedups(request, lookup=True)
+    draft_speedups = policy.expected_speedups(request)
+    assert (max(lookup_speedups) >= max(draft_speedups)) == wanted  # the premise
+    choice = policy.choose(request, 4, drafting=True)
+    assert choice.lookup == wanted and choice.k > 0
+
+
+def test_a_lookup_that_failed_is_probed_again_and_comes_back():
+    policy = policy_with(0.3, [1.0, 1.3, 1.6, 1.9, 2.2], max_k=4)
+    request = RequestSpeculation()
+    for _ in range(100):  # early matches all failed, engine-wide and in this request
+        policy.record(request, 2, 2, 0, lookup=True)
+    choices = [policy.choose(request, 4, drafting=False) for _ in range(PROBE_INTERVAL)]
+    assert [c.k for c in choices] == [0] * (PROBE_INTERVAL - 1) + [1] and choices[-1].lookup
+    for _ in range(60):  # the text turned repetitive: the probes succeed
+        request.lookup_probe.probing = True
+        policy.record(request, 1, 1, 1, lookup=True)
+    for _ in range(30):
+        policy.record(request, 4, 4, 4, lookup=True)
+    choice = policy.choose(request, 4, drafting=False)
+    assert choice.lookup and choice.k == 4
 
 
 def test_fixed_verifies_all_that_lookup_found_and_off_none():
     for mode, wanted in (("fixed", 3), ("off", 0)):
         policy = policy_with(0.1, [1.0, 9.0, 9.0, 9.0, 9.0], max_k=4)
         policy.mode = mode
-        assert policy.choose_lookup(RequestSpeculation(), 3) == wanted
+        assert policy.choose(RequestSpeculation(), 3).k == wanted
 
 
 @pytest.mark.parametrize("with_draft", [False, True])

@@ -19,11 +19,11 @@ Everything it needs is measured where it runs:
   from what the engine has learnt. Engine-wide counts decay, so the policy follows the workload.
 
 Prompt lookup (`prompt_lookup.py`) is a second proposer that costs no forward pass: when it
-finds a continuation, `choose_lookup` weighs its k by the same formula with c = 0 and the
-lookup's own acceptance counts; when it finds none, or its k is 0, the draft model's step is
-chosen as above.
+finds a continuation, its k is weighed by the same formula with c = 0 and the lookup's own
+acceptance counts, and the step goes to whichever proposer (or plain decoding) promises the
+most tokens per unit of time.
 
-When plain steps win, speculation is probed once in a while (k = 1, with a back-off that
+When plain steps win, each proposer is probed once in a while (k = 1, with a back-off that
 doubles after each probe that gains nothing), so a request whose text turns predictable is
 noticed. The choice depends only on timings and on acceptance already observed, never on the
 target's output for the step being decided, so decoding stays lossless under any policy.
@@ -146,14 +146,46 @@ class CostMeter:
 
 
 @dataclass
+class Probe:
+    """A proposer's probe back-off within one request."""
+
+    passed_over: int = 0  # steps since it last drafted, while it could have
+    interval: int = PROBE_INTERVAL
+    probing: bool = False  # the current step is its probe
+
+    def due(self) -> bool:
+        """Count a step that passed the proposer over; True when it is time to probe it."""
+        self.passed_over += 1
+        if self.passed_over < self.interval:
+            return False
+        self.passed_over, self.probing = 0, True
+        return True
+
+    def learn(self, num_accepted: int) -> None:
+        """After a step it drafted: a probe that gained nothing doubles the wait."""
+        if self.probing:
+            self.interval = (PROBE_INTERVAL if num_accepted
+                             else min(self.interval * 2, MAX_PROBE_INTERVAL))
+        self.passed_over, self.probing = 0, False
+
+
+@dataclass
 class RequestSpeculation:
-    """What the policy keeps per request: its own acceptance counts and its probe back-off."""
+    """What the policy keeps per request: its own acceptance counts and probe back-offs, for
+    the draft model and for prompt lookup."""
 
     stats: DraftStats = field(default_factory=DraftStats)
-    lookup_stats: DraftStats = field(default_factory=DraftStats)  # prompt lookup's proposals
-    plain_steps: int = 0  # plain steps since the last speculative one
-    probe_interval: int = PROBE_INTERVAL
-    probing: bool = False  # the current step is a probe
+    lookup_stats: DraftStats = field(default_factory=DraftStats)
+    probe: Probe = field(default_factory=Probe)
+    lookup_probe: Probe = field(default_factory=Probe)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A step's plan: verify k proposed tokens, from prompt lookup or from the draft model."""
+
+    k: int
+    lookup: bool = False
 
 
 class SpeculationPolicy:
@@ -215,13 +247,17 @@ class SpeculationPolicy:
             verify += p_exactly * v
         return draft_forwards * c + verify
 
-    def expected_speedups(self, request: RequestSpeculation | None = None) -> list[float] | None:
-        """Expected tokens per unit time for k = 0..k_max, over plain decoding's (k = 0 → 1)."""
-        acceptance = self.acceptance(request)
-        continuation = self.continuation(request)
+    def expected_speedups(self, request: RequestSpeculation | None = None, lookup: bool = False,
+                          max_k: int | None = None) -> list[float] | None:
+        """Expected tokens per unit time for k = 0..max_k (default k_max) over plain decoding's
+        (k = 0 → 1), for the draft model or (`lookup`) prompt lookup, which costs nothing to
+        run and proposes every token it found."""
+        acceptance = self.acceptance(request, lookup)
+        continuation = [1.0] * self.max_k if lookup else self.continuation(request)
+        c = 0.0 if lookup else self.costs.draft_cost_ratio
         speedups = []
-        for k in range(self.max_k + 1):
-            cost = self.step_cost(k, continuation, self.costs.draft_cost_ratio)
+        for k in range(self.max_k + 1 if max_k is None else max_k + 1):
+            cost = self.step_cost(k, continuation, c)
             if cost is None:
                 return None
             # a position the draft declines is counted as rejected, so expected tokens need
@@ -231,58 +267,42 @@ class SpeculationPolicy:
 
     # -- the decision -------------------------------------------------------------------------
 
-    def choose(self, request: RequestSpeculation) -> int:
-        if self.mode == "off":
-            return 0
+    def choose(self, request: RequestSpeculation, num_found: int = 0,
+               drafting: bool = True) -> Choice:
+        """The step's plan when prompt lookup found `num_found` tokens and a draft model is
+        there (`drafting`): the proposer and k with the most expected tokens per unit of time;
+        k = 0 is a plain step. `fixed` verifies what lookup found, else drafts k_max."""
+        found = min(num_found, self.max_k)
+        if self.mode == "off" or not (found or drafting):
+            return Choice(0)
         if self.mode == "fixed":
-            return self.max_k
-        request.probing = False
-        speedups = self.expected_speedups(request)
-        if speedups is None:  # not calibrated yet: speculate, and measure
-            return self.max_k
-        best = max(range(len(speedups)), key=lambda k: (speedups[k], -k))
-        if best > 0:
-            request.plain_steps = 0
-            return best
-        request.plain_steps += 1
-        if request.plain_steps >= request.probe_interval:
-            request.plain_steps = 0
-            request.probing = True
-            return 1
-        return 0
-
-    def choose_lookup(self, request: RequestSpeculation, num_found: int) -> int:
-        """How many of the `num_found` tokens prompt lookup found to verify (≤ k_max): the k
-        with the most expected tokens per unit of time, drafting being free."""
-        available = min(num_found, self.max_k)
-        if self.mode != "adaptive" or available == 0:
-            return 0 if self.mode == "off" else available
-        acceptance = self.acceptance(request, lookup=True)
-        always = [1.0] * self.max_k  # a found token is always proposed
-        speedups = []
-        for k in range(available + 1):
-            cost = self.step_cost(k, always, c=0.0)
-            if cost is None:  # not calibrated yet: verify all, and measure
-                return available
-            speedups.append(expected_tokens(acceptance, k) / cost)
-        return max(range(len(speedups)), key=lambda k: (speedups[k], -k))
+            return Choice(found, lookup=True) if found else Choice(self.max_k)
+        request.probe.probing = request.lookup_probe.probing = False
+        lookup = self.expected_speedups(request, lookup=True, max_k=found) if found else [1.0]
+        draft = self.expected_speedups(request) if drafting else [1.0]
+        if lookup is None or draft is None:  # not calibrated yet: speculate, and measure
+            return Choice(found, lookup=True) if found else Choice(self.max_k)
+        best_lookup = max(range(len(lookup)), key=lambda k: (lookup[k], -k))
+        best_draft = max(range(len(draft)), key=lambda k: (draft[k], -k))
+        if best_lookup and lookup[best_lookup] >= draft[best_draft]:
+            return Choice(best_lookup, lookup=True)
+        if best_draft:
+            return Choice(best_draft)
+        if found and request.lookup_probe.due():
+            return Choice(1, lookup=True)
+        if drafting and request.probe.due():
+            return Choice(1)
+        return Choice(0)
 
     def record(self, request: RequestSpeculation, k: int, num_drafted: int,
                num_accepted: int, lookup: bool = False) -> None:
         """Learn from a step that allowed k tokens (drafted by prompt lookup with `lookup`)."""
         if k == 0:
             return
-        if lookup:
-            request.lookup_stats.decay(REQUEST_DECAY)
-            request.lookup_stats.record(k, num_drafted, num_accepted)
-            self.engine_lookup_stats.decay(ENGINE_DECAY)
-            self.engine_lookup_stats.record(k, num_drafted, num_accepted)
-            return
-        if request.probing:  # back off further when a probe gained nothing
-            request.probe_interval = (
-                PROBE_INTERVAL if num_accepted
-                else min(request.probe_interval * 2, MAX_PROBE_INTERVAL))
-        request.stats.decay(REQUEST_DECAY)
-        request.stats.record(k, num_drafted, num_accepted)
-        self.engine_stats.decay(ENGINE_DECAY)
-        self.engine_stats.record(k, num_drafted, num_accepted)
+        (request.lookup_probe if lookup else request.probe).learn(num_accepted)
+        for stats, decay in (
+            (request.lookup_stats if lookup else request.stats, REQUEST_DECAY),
+            (self.engine_lookup_stats if lookup else self.engine_stats, ENGINE_DECAY),
+        ):
+            stats.decay(decay)
+            stats.record(k, num_drafted, num_accepted)

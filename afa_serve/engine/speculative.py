@@ -209,18 +209,17 @@ class SpeculativeDecoder:
         self, state: SequenceState, max_k: int
     ) -> tuple[int, list[int], torch.Tensor | None, bool]:
         """The step's k and drafted tokens (with their distributions when sampling), and
-        whether prompt lookup drafted them: its continuation when it finds one and the policy
-        takes it, else the draft model's."""
+        whether prompt lookup drafted them: the policy weighs what lookup found against the
+        draft model."""
+        found: list[int] = []
         if self.prompt_lookup is not None:
             found = self.prompt_lookup.propose(state.token_ids, min(self.num_speculative_tokens,
                                                                     max_k))
-            k = self.policy.choose_lookup(state.speculation, len(found)) if found else 0
-            if k:
-                drafted = found[:k]
-                return k, drafted, self._point_masses(drafted, state.settings), True
-        if self.draft is None:
-            return 0, [], None, False
-        k = min(self.policy.choose(state.speculation), max_k)
+        choice = self.policy.choose(state.speculation, len(found), self.draft is not None)
+        k = min(choice.k, max_k)
+        if choice.lookup:
+            drafted = found[:k]
+            return k, drafted, self._point_masses(drafted, state.settings), True
         drafted, draft_probs = self._propose(state, k)
         return k, drafted, draft_probs, False
 
