@@ -30,7 +30,8 @@ def test_bench_reports_every_arm_and_each_is_lossless(tmp_path, real_model_path,
     for arm in ("", "fixed_k_", "draft_only_"):
         assert results[f"{arm}greedy_identical"] == 2  # float32 greedy: equal to plain
         assert f"{arm}acceptance_per_position" in results
-    assert results["fixed_k_mean_acceptance_length"] >= 1.0  # fixed k drafts every step
+    steps = results["fixed_k_steps_by_draft_length"]
+    assert steps[4] > sum(steps[:4])  # fixed k drafts 4 but where the budget is shorter
     assert results["draft_vocab_size"] < 64 and results["settings"]["prompt_lookup"] == [1, 3]
     for key in ("speedup", "fixed_k_speedup", "draft_only_speedup", "draft_cost_ratio",
                 "verify_cost_ratio"):

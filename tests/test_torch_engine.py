@@ -202,3 +202,15 @@ def test_a_draft_with_another_vocabulary_is_refused_at_load():
     with pytest.raises(IncompatibleDraftError, match="vocabularies differ"):
         TorchEngine.from_models(target, tiny_tokenizer(28), tiny_llama(vocab_size=30),
                                 draft_tokenizer=tiny_tokenizer(30))
+
+
+def test_a_served_model_name_is_kept_as_given_even_where_a_folder_has_that_name(
+        tmp_path, monkeypatch):
+    (tmp_path / "org" / "llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    engine = make_engine(served_model_name="org/llama")
+    assert engine.info.name == "org/llama"
+    folder_target = TorchEngine.from_models(
+        tiny_llama(layers=1, seed=0), tiny_tokenizer(), None,
+        EngineConfig(target=str(tmp_path / "org" / "llama")))
+    assert folder_target.info.name == folder_target.info.target == "llama"  # never the path

@@ -266,7 +266,7 @@ class ModelInfo:
     speculation: str = "fixed"  # how each step's k is chosen: adaptive, fixed or off
 
     def __post_init__(self) -> None:
-        for name in ("name", "target", "draft"):
+        for name in ("target", "draft"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, public_model_name(value))

@@ -32,6 +32,7 @@ from afa_serve.engine.base import (
     QueueFullError,
     RequestTimings,
     SamplingParams,
+    public_model_name,
 )
 from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.draft_vocab import DraftVocab, read_draft_vocab
@@ -217,7 +218,7 @@ class TorchEngine:
         context = max_context_length(target)
         max_model_len = min(self.config.max_model_len or context, context)
         self._info = ModelInfo(
-            name=self.config.served_model_name or self.config.target,
+            name=self.config.served_model_name or public_model_name(self.config.target),
             target=self.config.target,
             draft=self.config.draft if draft is not None else None,
             num_speculative_tokens=k,

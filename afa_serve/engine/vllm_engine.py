@@ -49,6 +49,7 @@ from afa_serve.engine.base import (
     SamplingParams,
     SpecDecodeCounts,
     TokenLogprob,
+    public_model_name,
 )
 from afa_serve.engine.config import CPU_MEMORY_UTILIZATION, EngineConfig
 from afa_serve.engine.loading import (
@@ -254,7 +255,7 @@ class VllmEngine:
         if len(self._active) >= capacity:
             raise QueueFullError(
                 f"the server is at capacity ({len(self._active)} requests); retry shortly")
-        params = self._sampling_params(request.params, self._speculative_config() is not None)
+        params = self._sampling_params(request.params, self.info.num_speculative_tokens > 0)
         timings = RequestTimings(arrival=request.arrival_time)
         self._active.add(request.request_id)  # no await since the checks: admission is exact
         outputs: Any = None
@@ -409,9 +410,17 @@ class VllmEngine:
 
         model_config = self._llm.model_config
         config = self.config
-        speculative = self._speculative_config() is not None
+        speculative = self._llm.vllm_config.speculative_config is not None
+        if not speculative:
+            speculation = "off"
+        elif config.speculation == "adaptive" and not vllm_has_batch_schedule():
+            speculation = "fixed"
+            logger.warning("this vLLM has no num_speculative_tokens_per_batch_size: "
+                           "--speculation adaptive runs a fixed k")
+        else:
+            speculation = config.speculation
         return ModelInfo(
-            name=config.served_model_name or config.target,
+            name=config.served_model_name or public_model_name(config.target),
             target=config.target,
             draft=config.draft if speculative and config.speculative else None,
             num_speculative_tokens=config.num_speculative_tokens if speculative else 0,
@@ -419,7 +428,7 @@ class VllmEngine:
             engine="vllm",
             dtype=str(model_config.dtype).removeprefix("torch."),
             device=current_platform.device_type,
-            speculation=config.speculation if speculative else "off",
+            speculation=speculation,
         )
 
     # -- requests --------------------------------------------------------------------------
