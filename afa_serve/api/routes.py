@@ -146,7 +146,8 @@ async def _generate(
     account = ResponseAccount(planned)
     if body.stream:
         return EventStreamResponse(
-            build_events(context, streams, account, UsageInStream(*body.usage_in_stream)))
+            build_events(context, streams, account, UsageInStream(*body.usage_in_stream)),
+            on_close=streams.aclose)
     try:
         await collect(streams, account)
     except ClientDisconnected:

@@ -8,7 +8,7 @@ noticed by `ChoiceStreams`, which watches the connection itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -16,12 +16,14 @@ from starlette.types import Receive, Scope, Send
 
 
 class EventStreamResponse(StreamingResponse):
-    def __init__(self, events: AsyncGenerator[bytes, None]):
+    def __init__(self, events: AsyncGenerator[bytes, None],
+                 on_close: Callable[[], Awaitable[None]]):
         super().__init__(events, media_type="text/event-stream", headers={
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # no proxy buffering of the stream
         })
         self._events = events
+        self._on_close = on_close  # frees what the events stream from, even if it never started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -35,3 +37,4 @@ class EventStreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._events.aclose()
+                await self._on_close()

@@ -74,6 +74,7 @@ class ChoiceStreams:
         self._ready: deque[tuple[int, Delta]] = deque()
         self._started: set[int] = set()
         self._finished: set[int] = set()
+        self._closed = False
 
     async def start(self) -> None:
         """Wait for every choice's first delta; on a refusal or failure, close all and raise it."""
@@ -141,6 +142,9 @@ class ChoiceStreams:
 
     async def aclose(self) -> None:
         """Stop waiting, close every engine stream and abort what still runs (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         with anyio.CancelScope(shield=True):
             waiting = [*self._pending, *self._abandoned, self._disconnect, self._cut]
             for future in waiting:
