@@ -216,6 +216,7 @@ def refusal(call) -> openai.APIStatusError:
     ({"min_p": 1.5}, "min_p"),
     ({"logit_bias": {"4200000": 5}}, "logit_bias"),
     ({"logit_bias": {"hello": 5}}, "logit_bias.hello"),
+    ({"logit_bias": {"01": 5, "1": -5}}, "logit_bias"),  # two keys for one token
     ({"logit_bias": {"42": 101}}, "logit_bias"),
     ({"min_tokens": 5}, "min_tokens"),
     ({"max_tokens": 0}, "max_tokens"),

@@ -101,7 +101,7 @@ StopSequence = Annotated[Text, Field(min_length=1, max_length=1024)]
 Stop = StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,19}$")],
+LogitBias = dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,18})$")],  # one key per id
                  Annotated[float, Field(ge=-100.0, le=100.0)]]
 
 
