@@ -4,22 +4,19 @@ run, on one engine instance. Greedy with a fixed output length (EOS ignored), so
 produces the same tokens; the difference is the API's tokenizing, validation, JSON/SSE and
 HTTP round trips.
 
-    .venv/bin/python bench/http_overhead.py [--target T] [--draft D -k K] [--prompts mt-bench]
-        [--num-prompts 8] [--max-tokens 32] [--repeats 1] [--threads N]
+    PYTHONPATH=. .venv/bin/python bench/http_overhead.py [--target T] [--draft D -k K]
+        [--prompts mt-bench] [--num-prompts 8] [--max-tokens 32] [--repeats 1] [--threads N]
         [--out bench/results/http_overhead.json]
 
-Prints a table (median per request and per output token) and writes the JSON (atomically).
+Prints a markdown table (median per request and per output token) and writes the JSON
+(atomically).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +26,12 @@ import torch
 
 from afa_serve.api import create_app
 from afa_serve.api.server import serving_in_thread
+from afa_serve.atomic import write_json
 from afa_serve.engine.base import GenerationRequest, SamplingParams
 from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.prompts import Prompt, load_prompts, prompt_token_ids
+from bench.common import chat_messages, machine_info, markdown_table
 
 MODES = ("engine", "server", "server_stream")
 
@@ -58,14 +57,10 @@ async def _direct(engine: TorchEngine, ids: list[int], params: SamplingParams, n
     return Run("engine", n, time.perf_counter() - start, first - start, tokens, "".join(pieces))
 
 
-def _messages(prompt: Prompt) -> list[dict[str, str]]:
-    return list(prompt.messages or ({"role": "user", "content": prompt.text},))
-
-
 def _server(client: openai.OpenAI, model: str, prompt: Prompt, max_tokens: int, n: int) -> Run:
     start = time.perf_counter()
     response = client.chat.completions.create(
-        model=model, messages=_messages(prompt), max_tokens=max_tokens, temperature=0,
+        model=model, messages=chat_messages(prompt), max_tokens=max_tokens, temperature=0,
         extra_body={"ignore_eos": True})
     latency = time.perf_counter() - start
     return Run("server", n, latency, latency, response.usage.completion_tokens,
@@ -77,7 +72,7 @@ def _server_stream(client: openai.OpenAI, model: str, prompt: Prompt, max_tokens
     start = time.perf_counter()
     first, pieces, tokens = None, [], 0
     for chunk in client.chat.completions.create(
-            model=model, messages=_messages(prompt), max_tokens=max_tokens, temperature=0,
+            model=model, messages=chat_messages(prompt), max_tokens=max_tokens, temperature=0,
             stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True}):
         for choice in chunk.choices:
@@ -113,24 +108,11 @@ def _summary(runs: list[Run]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _print_table(summary: dict[str, dict[str, float]], max_tokens: int) -> None:
-    header = (f"{'path':<14} {'latency ms':>11} {'1st token ms':>13} {'ms/token':>9} "
-              f"{'tok/s':>7} {'+ms/request':>12} {'+ms/token':>10}")
-    print(f"\nmedians over prompts, {max_tokens} output tokens each")
-    print(header)
-    print("-" * len(header))
-    for mode, row in summary.items():
-        print(f"{mode:<14} {row['median_latency_ms']:>11.1f} {row['median_first_token_ms']:>13.1f} "
-              f"{row['median_ms_per_token']:>9.2f} {row['tokens_per_s']:>7.1f} "
-              f"{row.get('median_overhead_ms_per_request', 0.0):>12.2f} "
-              f"{row.get('median_overhead_ms_per_token', 0.0):>10.3f}")
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(content, tmp, indent=2)
-    os.replace(tmp.name, path)
+COLUMNS = (("path", "mode", "{}"), ("latency ms", "median_latency_ms", "{:.1f}"),
+           ("1st token ms", "median_first_token_ms", "{:.1f}"),
+           ("ms/token", "median_ms_per_token", "{:.2f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
+           ("+ms/request", "median_overhead_ms_per_request", "{:.2f}"),
+           ("+ms/token", "median_overhead_ms_per_token", "{:.3f}"))
 
 
 def main() -> None:
@@ -176,10 +158,11 @@ def main() -> None:
     identical = sum(len(texts) == 1 for texts in by_prompt.values())
 
     summary = _summary(runs)
-    _print_table(summary, args.max_tokens)
+    print(f"\nmedians over prompts, {args.max_tokens} output tokens each\n")
+    print(markdown_table([{"mode": mode, **row} for mode, row in summary.items()], COLUMNS))
     print(f"\nidentical text on all paths: {identical}/{len(prompts)} prompts")
     info = engine.info
-    _write_json(args.out, {
+    write_json(args.out, {
         "benchmark": "http_overhead",
         "num_prompts": len(prompts),
         "identical_outputs": identical,
@@ -187,8 +170,7 @@ def main() -> None:
         "settings": {**vars(args), "out": str(args.out), "engine": info.engine,
                      "dtype": info.dtype, "device": info.device,
                      "num_speculative_tokens": info.num_speculative_tokens},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "machine": {**machine_info("torch"),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "runs": [asdict(run) for run in runs],
     })

@@ -1,0 +1,95 @@
+"""bench/: the spec-decode counters read from either server family's /metrics, the figures taken
+from vLLM's benchmark client's result, and the side-by-side's afa-serve commands as the settings
+`afa-serve serve` takes from them (fixed k and the draft alone where vLLM is matched)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from afa_serve import cli
+from afa_serve.config import ServeConfig
+from bench import common, side_by_side
+
+AFA_METRICS = """\
+afa_serve_spec_decode_drafts_total{model_name="m"} 10.0
+afa_serve_spec_decode_draft_tokens_total{model_name="m"} 40.0
+afa_serve_spec_decode_accepted_tokens_total{model_name="m"} 12.0
+"""
+VLLM_METRICS = """\
+# TYPE vllm:spec_decode_num_drafts counter
+vllm:spec_decode_num_drafts_total{engine="0"} 3.0
+vllm:spec_decode_num_drafts_total{engine="1"} 1.0
+# TYPE vllm:spec_decode_num_accepted_tokens counter
+vllm:spec_decode_num_accepted_tokens_total{engine="0"} 2.0
+"""
+
+
+def test_spec_counters_are_summed_over_labels_and_zero_where_absent():
+    afa = common.parse_spec_counts(AFA_METRICS, common.AFA_SPEC_COUNTERS)
+    assert (afa.acceptance_rate, afa.mean_acceptance_length) == pytest.approx((0.3, 2.2))
+    vllm = common.parse_spec_counts(VLLM_METRICS, common.VLLM_SPEC_COUNTERS)
+    assert (vllm.num_drafts, vllm.num_draft_tokens, vllm.num_accepted_tokens) == (4, 0, 2)
+    unchanged = common.counts_since(afa, afa)
+    assert (unchanged.acceptance_rate, unchanged.mean_acceptance_length) == (None, None)
+
+
+def test_client_figures_count_tokens_per_streamed_chunk():
+    result = {"completed": 2, "total_output_tokens": 6, "duration": 2.0, "output_throughput": 3.0,
+              "output_lens": [4, 2], "itls": [[0.1, 0.1], [0.2]], **{
+                  f"{stat}_{metric}_ms": 1.0 for stat in ("p50", "p95", "median")
+                  for metric in ("ttft", "itl", "tpot", "e2el")}}
+    figures = common.client_figures(result)
+    assert figures["tokens_per_chunk"] == 6 / 5
+    table = common.markdown_table([figures, {}], (("tok/chunk", "tokens_per_chunk", "{:.2f}"),))
+    assert table.splitlines()[2:] == ["| 1.20 |", "| n/a |"]
+
+
+def test_headline_is_a_throughput_ratio_and_the_http_overhead_the_share_lost():
+    rows = [{"config": c, "concurrency": 1, "throughput_tok_s": t}
+            for c, t in (("vllm-spec", 20.0), ("afa-vllm-spec", 19.0), ("vllm-plain", 25.0))]
+    heads = side_by_side.headline(rows, [1])
+    assert heads["http_overhead_vs_vllm"][1] == pytest.approx(5.0)
+    assert heads["afa_torch_plain_vs_vllm_plain"] == {1: None}
+
+
+SETTINGS = side_by_side.Settings(
+    target="some/target", draft="some/draft", k=3, dtype="bfloat16", max_tokens=8,
+    max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=1 << 28, enforce_eager=True,
+    torch_threads=2, prompts="mt-bench", num_prompts=2, concurrencies=[1, 4])
+
+
+def served_config(monkeypatch, name: str) -> ServeConfig:
+    """The settings `afa-serve serve` reads from the configuration's command."""
+    seen: list[ServeConfig] = []
+
+    def capture(config: ServeConfig) -> None:
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "build_engine", capture)
+    command = side_by_side.server_command(name, SETTINGS, 8123)
+    result = CliRunner().invoke(cli.app, command[command.index("serve"):])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_afa_torch_spec_speculates_as_vllm_does(monkeypatch):
+    config = served_config(monkeypatch, "afa-torch-spec")
+    assert (config.engine, config.draft, config.num_speculative_tokens, config.speculation,
+            config.confidence_threshold, config.draft_vocab_size, config.prompt_lookup_max,
+            config.torch_threads) == ("torch", "some/draft", 3, "fixed", 0.0, 0, 0, 2)
+    assert config.ignored_by("torch") == []
+
+
+def test_afa_torch_plain_does_not_speculate(monkeypatch):
+    config = served_config(monkeypatch, "afa-torch-plain")
+    assert (config.draft, config.speculation) == (None, "off")
+
+
+def test_afa_vllm_spec_gets_vllms_engine_settings_and_fixed_k(monkeypatch):
+    config = served_config(monkeypatch, "afa-vllm-spec")
+    assert (config.engine, config.draft, config.num_speculative_tokens, config.speculation,
+            config.kv_cache_memory_bytes, config.enforce_eager) == (
+        "vllm", "some/draft", 3, "fixed", 1 << 28, True)
+    assert config.ignored_by("vllm") == []
