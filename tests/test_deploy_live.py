@@ -163,7 +163,7 @@ def send_traffic(server_url: str) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, logprobs=2)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=-1)
 
 
 @pytest.fixture(scope="module")
