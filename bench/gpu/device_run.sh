@@ -46,6 +46,6 @@ TAIL=40 stage vllm_tests "${VLLM_TESTS_LIMIT:-540}" python3 -m pytest -q -p no:c
 # vLLM's server and afa-serve (vLLM and torch engines), plain and with the draft, side by side.
 TAIL=30 stage side_by_side "${SIDE_BY_SIDE_LIMIT:-540}" python3 bench/side_by_side.py \
   --target /root/models/target --draft /root/models/draft --prompts "$PROMPTS" \
-  --num-prompts 8 --max-tokens 128 --dtype bfloat16 --vllm-python "$(python3 -c "import sys; print(sys.executable)")" \
+  --num-prompts 8 --max-tokens 128 --dtype bfloat16 \
   --configs afa-torch-plain,afa-torch-spec,vllm-spec,afa-vllm-spec,vllm-plain \
   --out "$OUT/side_by_side_gpu.json"
