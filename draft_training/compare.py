@@ -342,15 +342,24 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot_per_position(arms_: dict[str, ArmResult], k: int, path: Path) -> None:
-    figure = Figure(figsize=(6, 4))
+    figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
-    for label, result in arms_.items():
+    markers = "osD^vx*"
+    highest = 0.0
+    for index, (label, result) in enumerate(arms_.items()):
         per_position = result.eval["acceptance_per_position"]
-        axes.plot(range(1, len(per_position) + 1), per_position, marker="o", label=label)
+        # arms often end level: a small sideways offset and its own marker keep each visible
+        positions = [p + 0.06 * (index - (len(arms_) - 1) / 2)
+                     for p in range(1, len(per_position) + 1)]
+        axes.plot(positions, per_position, marker=markers[index % len(markers)], label=label)
+        for x, y in zip(positions, per_position, strict=True):  # staggered: no overlaps
+            axes.annotate(f"{y:.3f}", (x, y), textcoords="offset points",
+                          xytext=(14, 4 + 9 * index), fontsize=7, color=f"C{index}")
+        highest = max(highest, *per_position)
     axes.set_xticks(range(1, k + 1))
     axes.set_xlabel("draft position")
     axes.set_ylabel("share of drafts accepted up to this position")
-    axes.set_ylim(0, 1)
+    axes.set_ylim(0, max(highest * 1.35, 0.05))  # fitted to the data, not to 1
     axes.set_title("Per-position acceptance on held-out prompts")
     axes.legend()
     axes.grid(alpha=0.3)
@@ -397,11 +406,18 @@ def plot_ablation(arms_: dict[str, ArmResult], ablation: list[ArmResult], path: 
         adapter = result.arm.adapter
         assert adapter is not None
         labels.append(f"{adapter.activation}\n{adapter.schedule}\n{adapter.anneal_fraction:g}")
-    axes.bar(range(len(ablation)), [r.eval["mean_acceptance_length"] for r in ablation])
-    for label, style in (("untrained", ":"), ("lora", "--"), ("full", "-.")):
-        axes.axhline(
-            arms_[label].eval["mean_acceptance_length"], linestyle=style, color="k", label=label
-        )
+    taus = [r.eval["mean_acceptance_length"] for r in ablation]
+    bars = axes.bar(range(len(ablation)), taus)
+    axes.bar_label(bars, fmt="%.3f", fontsize=8)
+    references = [arms_[label].eval["mean_acceptance_length"]
+                  for label in ("untrained", "lora", "full")]
+    for label, style, tau in zip(("untrained", "lora", "full"), (":", "--", "-."), references,
+                                 strict=True):
+        axes.axhline(tau, linestyle=style, color="k", label=f"{label} {tau:.3f}")
+    # τ is at least 1 and the arms differ in the second decimal: fit the axis to the values
+    low, high = min(*taus, *references), max(*taus, *references)
+    margin = max(0.1 * (high - low), 0.005)
+    axes.set_ylim(low - margin, high + 2 * margin)
     axes.set_xticks(range(len(ablation)), labels, fontsize=8)
     axes.set_ylabel("τ on held-out prompts")
     axes.set_title("AFA-LoRA ablation: activation / schedule / anneal fraction")
