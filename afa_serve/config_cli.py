@@ -186,6 +186,7 @@ def _option(name: str, field: FieldInfo, default: Any) -> tuple[Any, Any]:
     if annotation is bool:
         names = [f"{flag}/--no-{flag[2:]}"]
         python_type: Any = bool
+        settings["metavar"] = ""  # a flag takes no value: show none
     elif _is_tuple(annotation):
         python_type = list[str]
         settings["metavar"] = "A,B" if _comma_separated(annotation) else "VALUE"
