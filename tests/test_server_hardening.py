@@ -119,18 +119,20 @@ def test_waiting_never_exceeds_max_queue_and_gauges_follow_aborts(server):
         while not sampling.is_set():
             stats = server.engine.stats()
             seen.append((stats.num_running, stats.num_waiting))
+            time.sleep(0.001)  # a busy loop on the engine's lock would starve its scheduler
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    threads = [threading.Thread(target=lambda: completion(server, max_tokens=200,
-                                                          ignore_eos=True))
-               for _ in range(4)]
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(completion(
+        server, max_tokens=200, ignore_eos=True).status_code)) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     sampling.set()
     sampler.join()
+    assert statuses == [200] * 4  # two ran, two waited their turn, all were served
     assert max(waiting for _, waiting in seen) <= 2
     assert max(running for running, _ in seen) <= 2
     assert (2, 2) in seen  # the queue did fill
