@@ -99,6 +99,10 @@ def bench(
 
     Greedy by default, so the outputs must be identical: the table says how many are.
     """
+    # the server's own rule (and its check of min against max), before any model loads
+    lookup = EngineConfig(num_speculative_tokens=config.num_speculative_tokens,
+                          prompt_lookup_min=config.prompt_lookup_min,
+                          prompt_lookup_max=config.prompt_lookup_max).prompt_lookup
     models = load_target_and_draft(config.target, config.draft, config.dtype, config.device)
     target_model, draft_model, tokenizer = models.target, models.draft, models.tokenizer
     prompt_ids = [prompt_token_ids(p, tokenizer) for p in load_prompts(config.prompts, config.limit)]
@@ -109,8 +113,6 @@ def bench(
     head_ids = vocab.head_ids(size, eos) if vocab and size else None
 
     k = config.num_speculative_tokens
-    lookup = (PromptLookup(config.prompt_lookup_min, config.prompt_lookup_max)
-              if config.prompt_lookup_max else None)
 
     def policy(prompt_lookup: PromptLookup | None) -> SpeculativeDecoder:
         return SpeculativeDecoder(

@@ -199,8 +199,6 @@ class TorchEngine:
     ) -> None:
         if draft is not None:
             check_draft_compatible(target, tokenizer, draft, draft_tokenizer or tokenizer)
-        lookup = self.config.prompt_lookup
-        k = self.config.num_speculative_tokens if draft is not None or lookup else 0
         self._eos_ids = eos_token_ids(target, tokenizer)
         head_ids = None
         if draft_vocab is not None and self.config.draft_vocab_size > 0:
@@ -208,11 +206,11 @@ class TorchEngine:
             logger.info("draft head trimmed to %d tokens (%.1f%% of its training tokens)",
                         len(head_ids), 100 * draft_vocab.coverage(self.config.draft_vocab_size))
         self._decoder = SpeculativeDecoder(
-            target, draft, k,
+            target, draft, self.config.num_speculative_tokens,
             speculation=self.config.speculation,
             confidence_threshold=self.config.confidence_threshold,
             draft_vocab=head_ids,
-            prompt_lookup=lookup,
+            prompt_lookup=self.config.prompt_lookup,
         )
         self._tokenizer = tokenizer
         context = max_context_length(target)
@@ -221,7 +219,7 @@ class TorchEngine:
             name=self.config.served_model_name or public_model_name(self.config.target),
             target=self.config.target,
             draft=self.config.draft if draft is not None else None,
-            num_speculative_tokens=k,
+            num_speculative_tokens=self._decoder.num_speculative_tokens,  # 0 with no proposer
             max_model_len=max_model_len,
             engine="torch",
             dtype=str(target.dtype).removeprefix("torch."),
