@@ -212,7 +212,7 @@ class SpeculativeDecoder:
         whether prompt lookup drafted them: the policy weighs what lookup found against the
         draft model."""
         found: list[int] = []
-        if self.prompt_lookup is not None:
+        if self.prompt_lookup is not None and self.policy.mode != "off":  # no scan for naught
             found = self.prompt_lookup.propose(state.token_ids, min(self.num_speculative_tokens,
                                                                     max_k))
         choice = self.policy.choose(state.speculation, len(found), self.draft is not None)
