@@ -20,6 +20,7 @@ from afa_serve.atomic import write_json
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.base import SpecDecodeCounts
 from afa_serve.engine.config import DEFAULT_MODEL, EngineConfig
+from afa_serve.engine.draft_forward import DraftWeightsSetting, resolve_draft_weights
 from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, read_draft_vocab
 from afa_serve.engine.loading import DeviceName, DTypeName, load_target_and_draft
 from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD
@@ -78,6 +79,7 @@ class BenchConfig(BaseModel):
     draft_vocab_size: int = Field(
         DEFAULT_DRAFT_VOCAB_SIZE, ge=0, description="The default policy's trimmed draft head "
         "(0: whole vocabulary; used only when the draft folder has a draft_vocab.json).")
+    draft_weights: DraftWeightsSetting = EngineConfig.model_fields["draft_weights"]
     prompt_lookup_max: int = EngineConfig.model_fields["prompt_lookup_max"]
     prompt_lookup_min: int = EngineConfig.model_fields["prompt_lookup_min"]
     max_new_tokens: int = Field(64, ge=1, description="New tokens per prompt.")
@@ -93,9 +95,10 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
 ) -> None:
     """Decode the same prompts four ways, interleaved prompt by prompt: plain, fixed k (the
-    whole draft head, no confidence stop, no prompt lookup), the server's default policy
-    (adaptive k, confidence stop, trimmed head, prompt lookup) and that policy with the draft
-    model alone (no prompt lookup); print speed, acceptance and the measured costs.
+    whole draft head in --dtype, no confidence stop, no prompt lookup), the server's default
+    policy (adaptive k, confidence stop, trimmed head, int8 draft on CPU, prompt lookup) and
+    that policy with the draft model alone (no prompt lookup); print speed, acceptance and
+    the measured costs.
 
     Greedy by default, so the outputs must be identical: the table says how many are.
     """
@@ -113,12 +116,13 @@ def bench(
     head_ids = vocab.head_ids(size, eos) if vocab and size else None
 
     k = config.num_speculative_tokens
+    weights = resolve_draft_weights(config.draft_weights, draft_model)
 
     def policy(prompt_lookup: PromptLookup | None) -> SpeculativeDecoder:
         return SpeculativeDecoder(
             target_model, draft_model, k, speculation="adaptive",
             confidence_threshold=config.confidence_threshold, draft_vocab=head_ids,
-            prompt_lookup=prompt_lookup)
+            prompt_lookup=prompt_lookup, draft_weights=weights)
 
     decoders = {
         "plain": SpeculativeDecoder(target_model),
@@ -160,7 +164,7 @@ def bench(
         "spec_tokens": default.num_tokens,
         "settings": {
             "target": config.target, "draft": config.draft, "prompts": config.prompts, "k": k,
-            "confidence_threshold": config.confidence_threshold,
+            "confidence_threshold": config.confidence_threshold, "draft_weights": weights,
             "prompt_lookup": [config.prompt_lookup_min, config.prompt_lookup_max]
             if lookup else None,
             "max_tokens": config.max_new_tokens, "temperature": config.temperature,

@@ -209,16 +209,17 @@ def test_the_trimmed_head_maps_its_picks_back_to_target_ids():
     assert state.spec.acceptance_rate < 1.0
 
 
-@pytest.mark.parametrize("threshold,vocab", [(0.3, None), (0.0, [0, 2, 3]), (0.3, [0, 1, 4])])
+@pytest.mark.parametrize("threshold,vocab,weights", [
+    (0.3, None, "dtype"), (0.0, [0, 2, 3], "dtype"), (0.3, [0, 1, 4], "int8")])
 def test_sampling_follows_the_target_with_confidence_stopping_and_a_trimmed_head(
-    threshold, vocab
+    threshold, vocab, weights
 ):
     settings = SamplingSettings(temperature=1.0)
     target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
     draft = tiny_llama(vocab_size=5, layers=1, seed=DRAFT_SEED)
     outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
     decoder = SpeculativeDecoder(target, draft, 2, confidence_threshold=threshold,
-                                 draft_vocab=vocab)
+                                 draft_vocab=vocab, draft_weights=weights)
     counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
     assert _chi_square_p_value(counts, exact) > 1e-3
 

@@ -18,7 +18,9 @@ Three things make a step cheaper than a fixed-k one, none of which can change th
   falls below `confidence_threshold` (a decision on the draft's own numbers only);
 - with a `draft_vocab`, the draft's head computes logits over those token ids only and its
   picks are mapped back to target ids; a token outside the set is never proposed, and the
-  draft's distribution is zero there, so rejection sampling stays exact.
+  draft's distribution is zero there, so rejection sampling stays exact;
+- the draft runs through `draft_forward.py`: outside transformers' module stack where it covers
+  the model, with int8 weights when asked (`draft_weights`).
 The draft is lazy: it catches up on the tokens it has not seen only when a step drafts, so
 plain steps cost the target's forward alone.
 """
@@ -34,6 +36,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from afa_serve.engine.base import SpecDecodeCounts, TokenLogprob
+from afa_serve.engine.draft_forward import DraftCache, DraftWeights, draft_forward
 from afa_serve.engine.logprobs import token_logprobs
 from afa_serve.engine.penalties import adjust
 from afa_serve.engine.policy import RequestSpeculation, SpeculationMode, SpeculationPolicy
@@ -62,7 +65,7 @@ class SequenceState:
     settings: SamplingSettings
     generator: torch.Generator | None
     target_cache: DynamicCache
-    draft_cache: DynamicCache | None
+    draft_cache: DraftCache | None
     spec: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
     speculation: RequestSpeculation = field(default_factory=RequestSpeculation)
     num_logprobs: int | None = None  # likeliest tokens to report with each token's logprob
@@ -73,7 +76,7 @@ class SequenceState:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-def _truncate(cache: DynamicCache, length: int) -> None:
+def _truncate(cache: DraftCache, length: int) -> None:
     """Drop cached positions beyond `length`."""
     excess = cache.get_seq_length() - length
     if excess > 0:
@@ -97,6 +100,8 @@ class SpeculativeDecoder:
 
     `num_speculative_tokens` is k, the most tokens a step drafts; `speculation` says how each
     step's k is chosen (`fixed`: always k; `adaptive`: by `policy.py`; `off`: never draft).
+    `draft_weights="int8"` runs the draft with int8 weights (a ValueError for a model the
+    compact draft forward does not cover).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class SpeculativeDecoder:
         confidence_threshold: float = 0.0,
         draft_vocab: Sequence[int] | None = None,
         prompt_lookup: PromptLookup | None = None,
+        draft_weights: DraftWeights = "dtype",
     ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
@@ -123,12 +129,12 @@ class SpeculativeDecoder:
         self.confidence_threshold = confidence_threshold
         self._vocab_size = target.get_output_embeddings().weight.shape[0]
         self._draft_ids: torch.Tensor | None = None
-        self._draft_head: torch.Tensor | None = None
         if draft is not None and draft_vocab is not None:
             self._draft_ids = torch.tensor(list(draft_vocab), dtype=torch.long,
                                            device=draft.device)
-            weight = draft.get_output_embeddings().weight.detach()
-            self._draft_head = weight.index_select(0, self._draft_ids).contiguous()
+        self._draft_forward = None if draft is None else draft_forward(
+            draft, self._draft_ids, draft_weights)
+        self.draft_weights: DraftWeights | None = None if draft is None else draft_weights
 
     @property
     def draft_vocab_size(self) -> int | None:
@@ -161,7 +167,7 @@ class SpeculativeDecoder:
             settings=settings,
             generator=generator,
             target_cache=DynamicCache(config=self.target.config),
-            draft_cache=DynamicCache(config=self.draft.config) if self.draft is not None else None,
+            draft_cache=self._draft_forward.new_cache() if self._draft_forward else None,
             num_logprobs=num_logprobs,
         )
         scored = num_prompt_logprobs is not None
@@ -231,31 +237,21 @@ class SpeculativeDecoder:
         masses[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
         return masses
 
-    def _draft_logits(self, cache: DynamicCache, token_ids: list[int]) -> torch.Tensor:
-        """The draft's logits for the token after `token_ids`: over `draft_vocab` when set."""
-        assert self.draft is not None
-        if self._draft_head is None:
-            return _forward(self.draft, cache, token_ids, logits_to_keep=1)[-1]
-        input_ids = torch.tensor([token_ids], device=self.draft.device)
-        hidden = self.draft.base_model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True
-        ).last_hidden_state[0, -1]
-        return hidden @ self._draft_head.T
-
     def _propose(self, state: SequenceState, k: int) -> tuple[list[int], torch.Tensor | None]:
         """Let the draft catch up with the sequence and propose up to k tokens, stopping when
         it is unsure of its pick. Returns the tokens (target ids) and the distributions they were
         drawn from (sampling only, over the whole vocabulary)."""
         if k == 0:
             return [], None
-        assert state.draft_cache is not None
+        assert state.draft_cache is not None and self._draft_forward is not None
         settings = state.settings
         pending = state.token_ids[state.draft_cache.get_seq_length() :]
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
             started = time.perf_counter()
-            logits = self._adjusted(self._draft_logits(state.draft_cache, pending), state, drafted)
+            logits = self._adjusted(self._draft_forward.logits(state.draft_cache, pending), state,
+                                    drafted)
             if settings.greedy:
                 index = int(logits.argmax().item())
                 token_probs = None
@@ -310,9 +306,9 @@ class SpeculativeDecoder:
         context = torch.randint(self._vocab_size, (CALIBRATION_CONTEXT,),
                                 generator=generator).tolist()
 
-        def median_seconds(model: PreTrainedModel, run) -> float:
-            cache = DynamicCache(config=model.config)
-            _forward(model, cache, context, logits_to_keep=1)
+        def median_seconds(new_cache, prefill, run) -> float:
+            cache = new_cache()
+            prefill(cache)
             times = []
             for _ in range(CALIBRATION_REPEATS):
                 started = time.perf_counter()
@@ -323,13 +319,18 @@ class SpeculativeDecoder:
 
         extra = context[: self.num_speculative_tokens + 1]
         self.policy.costs.target_pass_s = [
-            median_seconds(self.target, lambda cache, n=n: _forward(
-                self.target, cache, extra[:n], logits_to_keep=n).argmax(-1).tolist())
+            median_seconds(
+                lambda: DynamicCache(config=self.target.config),
+                lambda cache: _forward(self.target, cache, context, logits_to_keep=1),
+                lambda cache, n=n: _forward(self.target, cache, extra[:n],
+                                            logits_to_keep=n).argmax(-1).tolist())
             for n in range(1, self.num_speculative_tokens + 2)
         ]
-        if self.draft is not None:
-            self.policy.costs.draft_forward_s = median_seconds(self.draft, lambda cache: int(
-                self._draft_logits(cache, extra[:1]).argmax().item()))
+        if self._draft_forward is not None:
+            forward = self._draft_forward
+            self.policy.costs.draft_forward_s = median_seconds(
+                forward.new_cache, lambda cache: forward.logits(cache, context),
+                lambda cache: int(forward.logits(cache, extra[:1]).argmax().item()))
 
     def generate(
         self,
