@@ -14,6 +14,7 @@ from afa_serve.engine.base import (
 )
 from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.loading import IncompatibleDraftError
+from afa_serve.engine import speculative
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.engine.verify import SamplingSettings
@@ -66,6 +67,33 @@ def test_cache_rollback_keeps_draft_and_target_in_step():
         decoder.step(state, 100)
         assert state.target_cache.get_seq_length() == len(state.token_ids) - 1
         assert state.draft_cache.get_seq_length() <= len(state.token_ids) - 1
+
+
+def test_prompt_logprobs_scored_in_chunks_equal_those_of_one_pass(monkeypatch):
+    target = tiny_llama(layers=2, seed=0)
+    decoder = SpeculativeDecoder(target, tiny_llama(layers=1, seed=1), 3)
+    prompt = [(7 * i) % 27 for i in range(23)]
+    one_pass = decoder.prefill(prompt, GREEDY, num_prompt_logprobs=2)
+    expected = [decoder.step(one_pass, 100).tokens for _ in range(4)]
+
+    monkeypatch.setattr(speculative, "PROMPT_LOGPROBS_CHUNK", 5)
+    head_rows = []
+    hook = target.lm_head.register_forward_hook(
+        lambda module, args, out: head_rows.append(out.shape[1]))
+    try:
+        chunked = decoder.prefill(prompt, GREEDY, num_prompt_logprobs=2)
+    finally:
+        hook.remove()
+    assert head_rows == [5, 5, 5, 5, 2]  # never the whole prompt's logits at once
+    assert len(chunked.prompt_logprobs) == len(prompt) and chunked.prompt_logprobs[0] is None
+    # equal up to float rounding: a chunk's attention sums in another order than one pass's
+    for got, want in zip(chunked.prompt_logprobs[1:], one_pass.prompt_logprobs[1:], strict=True):
+        assert got.token_id == want.token_id
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert [got.logprob, *(v for _, v in got.top)] == pytest.approx(
+            [want.logprob, *(v for _, v in want.top)], abs=1e-5)
+    assert chunked.target_cache.get_seq_length() == len(prompt) - 1
+    assert [decoder.step(chunked, 100).tokens for _ in range(4)] == expected
 
 
 async def test_engine_streams_what_the_decoder_produces():

@@ -46,6 +46,7 @@ from afa_serve.engine.verify import SamplingSettings, probabilities, sample, ver
 CALIBRATION_CONTEXT = 64  # tokens of context the start-up timings run on
 CALIBRATION_REPEATS = 5
 CATCH_UP_TOKENS = 2  # draft forwards over more tokens than this are not timed as c
+PROMPT_LOGPROBS_CHUNK = 512  # prompt tokens scored per forward: bounds the logits held at once
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,19 @@ class SpeculativeDecoder:
             draft_cache=self._draft_forward.new_cache() if self._draft_forward else None,
             num_logprobs=num_logprobs,
         )
-        scored = num_prompt_logprobs is not None
-        if len(prompt_ids) > 1:
-            logits = _forward(self.target, state.target_cache, prompt_ids[:-1],
-                              logits_to_keep=0 if scored else 1)  # 0: every row
-            if scored:
-                state.prompt_logprobs = [None, *token_logprobs(logits, prompt_ids[1:],
-                                                               num_prompt_logprobs)]
-        elif scored:
-            state.prompt_logprobs = [None]
+        if num_prompt_logprobs is None:
+            if len(prompt_ids) > 1:
+                _forward(self.target, state.target_cache, prompt_ids[:-1], logits_to_keep=1)
+            return state
+        # scored: every row's logits, a chunk at a time ([chunk, V], not [prompt, V], at once)
+        state.prompt_logprobs = [None]
+        for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROBS_CHUNK):
+            end = min(start + PROMPT_LOGPROBS_CHUNK, len(prompt_ids) - 1)
+            logits = _forward(self.target, state.target_cache, prompt_ids[start:end],
+                              logits_to_keep=0)  # 0: every row
+            state.prompt_logprobs += token_logprobs(logits, prompt_ids[start + 1 : end + 1],
+                                                    num_prompt_logprobs)
+            del logits  # not held while the next chunk's are computed
         return state
 
     @torch.inference_mode()
