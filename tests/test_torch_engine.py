@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from afa_serve.engine.base import (
+    EngineClosedError,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
@@ -209,6 +210,34 @@ async def test_closing_the_stream_aborts_and_frees_the_slot():
         assert engine.stats().generation_tokens < 200
     finally:
         await engine.shutdown()
+
+
+async def test_shutdown_ends_running_and_queued_requests_and_refuses_new_ones():
+    engine = make_engine(draft=False, k=0, max_num_seqs=1, max_queue=1)
+    await engine.start()
+    long = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True)
+    running = engine.generate(GenerationRequest("running", (1, 2), long))
+    first = await running.__anext__()
+    queued = engine.generate(GenerationRequest("queued", (3, 4), long))
+    queued_first = asyncio.ensure_future(queued.__anext__())
+    await asyncio.sleep(0)
+    assert engine.stats().num_waiting == 1
+
+    await asyncio.wait_for(engine.shutdown(), timeout=10)
+
+    rest = await asyncio.wait_for(_drain(running), timeout=10)  # ends: no hang
+    assert rest[-1].finish_reason == "abort" and rest[-1].token_ids == ()
+    generated = first.num_generated_tokens + sum(len(d.token_ids) for d in rest)
+    assert rest[-1].num_generated_tokens == generated < 250
+    with pytest.raises(EngineClosedError):
+        await asyncio.wait_for(queued_first, timeout=10)
+    assert engine.stats().num_running == engine.stats().num_waiting == 0
+    with pytest.raises(EngineClosedError):
+        await collect(engine, "late", [5], max_tokens=4)
+
+
+async def _drain(stream) -> list:
+    return [delta async for delta in stream]
 
 
 async def test_seeded_sampling_is_reproducible():

@@ -5,6 +5,8 @@ scheduler gives each running sequence one speculative step per round (fair
 interleaving). Deltas go back to the asyncio side through each request's own
 queue. A request takes a free running slot as it is admitted, so at most `max_queue` wait; an
 aborted or finished one leaves at once (the gauges with it) and is never stepped again.
+Shutting down ends every request still held: one that has streamed ends with a last delta of
+its own (`finish_reason` "abort"), one that has not gets `EngineClosedError`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
@@ -65,6 +67,7 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     timings: RequestTimings
     state: SequenceState | None = None
+    last: Delta | None = None  # the last delta sent
     aborted: bool = False
     finished: bool = False
 
@@ -169,6 +172,7 @@ class TorchEngine:
             self._closing = True
             for sequence in [*self._waiting, *self._running]:
                 self._retire(sequence)
+                sequence.send(_closed_end(sequence))
             self._lock.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -353,10 +357,14 @@ class TorchEngine:
             logger.exception("request %s failed", sequence.request.request_id)
             sequence.finished = True
             delta = error
-        if sequence.finished:
-            with self._lock:
+        with self._lock:  # against shutdown, which ends an unfinished sequence itself
+            if sequence.finished:
                 self._retire(sequence)
-        sequence.send(delta)
+            elif sequence.aborted:
+                return
+            if isinstance(delta, Delta):
+                sequence.last = delta
+            sequence.send(delta)
 
     def _seed(self, params: SamplingParams) -> int | None:
         """The request's seed, else the next of --seed's sequence (none: unseeded)."""
@@ -419,3 +427,14 @@ class TorchEngine:
         )
         return SamplingSettings(params.temperature, params.top_k, params.top_p, params.min_p,
                                 adjustments)
+
+
+def _closed_end(sequence: _Sequence) -> Delta | EngineClosedError:
+    """How a request the engine shuts down on ends: a last delta after what it has streamed, or
+    the refusal one that has streamed nothing gets."""
+    last = sequence.last
+    if last is None:
+        return EngineClosedError("the engine shut down before the request started")
+    sequence.timings.finished = time.monotonic()
+    return replace(last, token_ids=(), text="", finish_reason="abort", stop_reason=None,
+                   logprobs=None if last.logprobs is None else (), prompt_logprobs=None)
