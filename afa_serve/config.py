@@ -34,6 +34,7 @@ from afa_serve.api.state import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_REQUEST_TIMEOUT_S,
     ApiOptions,
+    check_api_key,
 )
 from afa_serve.config_cli import comma_separated
 from afa_serve.engine.config import EngineConfig
@@ -135,10 +136,8 @@ class ServeConfig(BaseSettings, EngineConfig):
 
     @field_validator("api_key")
     @classmethod
-    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("the API key is empty: set a key, or unset AFA_SERVE_API_KEY "
-                             "(and --api-key) to serve without one")
+    def _key_allowed(cls, value: SecretStr | None) -> SecretStr | None:
+        check_api_key(None if value is None else value.get_secret_value())
         return value
 
     @classmethod

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from afa_serve.api.state import ApiOptions
 from afa_serve.cli import app, build_engine, load_serve_config
 from afa_serve.config import ConfigFileError, ServeConfig
 from afa_serve.engine.config import DEFAULT_MODEL, EngineConfig
@@ -80,6 +81,19 @@ def test_the_cli_exits_2_on_invalid_settings_before_loading_anything(flags, prob
     result = CliRunner().invoke(app, ["serve", *flags])
     assert result.exit_code == 2
     assert problem in result.output
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_by_one_rule_for_the_cli_and_the_api(key, monkeypatch):
+    with pytest.raises(ValueError) as direct:
+        ApiOptions(api_key=key)
+    with pytest.raises(ValidationError) as configured:
+        ServeConfig(api_key=key)
+    assert str(direct.value) in str(configured.value)
+    monkeypatch.setenv("AFA_SERVE_API_KEY", key)
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "API key is empty" in " ".join(result.output.split())  # the usage box wraps lines
 
 
 def test_build_engine_hands_the_settings_to_the_torch_engine():

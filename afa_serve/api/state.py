@@ -28,8 +28,14 @@ class ApiOptions:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty: set a key, or none to serve without one")
+        check_api_key(self.api_key)
+
+
+def check_api_key(key: str | None) -> None:
+    """The API key's one rule, for these options and the server's settings alike: none (serve
+    without a key) or a key that is not blank."""
+    if key is not None and not key.strip():
+        raise ValueError("the API key is empty: set a key, or leave it unset to serve without one")
 
 
 @dataclass
