@@ -64,6 +64,23 @@ def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def wait_healthy(url: str, process: subprocess.Popen[bytes],
+                 timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until `url`'s /health answers 200; an error if `process` (the server's) exits or the time
+    runs out. The benchmarks' servers and tests/vllm's vLLM server wait with it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode})")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the server was not ready in {timeout_s:.0f} s")
+
+
 @dataclass
 class Server:
     """A server in its own process group (vLLM spawns engine processes), logging to a file."""
@@ -81,18 +98,7 @@ class Server:
         return cls(process, log, f"http://127.0.0.1:{port}")
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Until /health answers 200; an error if the process exits or the time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"the server was not ready in {timeout_s:.0f} s")
+        wait_healthy(self.url, self.process, timeout_s)
 
     def stop(self) -> None:
         """SIGTERM to the whole group, also when the server exited: its engine processes stay."""

@@ -4,6 +4,9 @@ from vLLM's benchmark client's result, and the side-by-side's afa-serve commands
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -93,3 +96,19 @@ def test_afa_vllm_spec_gets_vllms_engine_settings_and_fixed_k(monkeypatch):
             config.kv_cache_memory_bytes, config.enforce_eager) == (
         "vllm", "some/draft", 3, "fixed", 1 << 28, True)
     assert config.ignored_by("vllm") == []
+
+
+def test_wait_healthy_returns_once_health_answers_and_fails_when_the_server_exits(tmp_path):
+    (tmp_path / "health").write_text("ok")
+    port = common.free_port()
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        common.wait_healthy(f"http://127.0.0.1:{port}", serving, timeout_s=30)
+    finally:
+        serving.terminate()
+        serving.wait()
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match=r"exited \(3\)"):
+        common.wait_healthy(f"http://127.0.0.1:{common.free_port()}", exited, timeout_s=30)

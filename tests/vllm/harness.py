@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 
 from afa_serve.engine.vllm_engine import vllm_has_per_request_spec_metrics
+from bench.common import START_TIMEOUT_S, free_port, tail, wait_healthy
 
 NAME = "smollm2"  # the served model name on every server
 NUM_SPECULATIVE_TOKENS = 4
@@ -31,14 +29,7 @@ DTYPE = "float32"  # greedy output equality holds in float32 (see shared README)
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 4
 KV_CACHE_BYTES = 256 * 1024 * 1024  # an explicit KV cache skips vLLM's free-memory check
-START_TIMEOUT_S = 400.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def speculative_config(draft: Path) -> dict[str, object]:
@@ -61,10 +52,7 @@ class Subprocess:
         return cls(process, log)
 
     def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def failed(self) -> bool:
-        return self.process.poll() not in (None, 0)
+        return tail(self.log, lines)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process.poll() is None:
@@ -100,17 +88,10 @@ class VllmOpenAIServer:
         return cls(Subprocess.start(command, log), f"http://127.0.0.1:{port}")
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.child.failed():
-                raise RuntimeError(f"vLLM's server exited:\n{self.child.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vLLM's server did not start in {timeout_s} s:\n{self.child.tail()}")
+        try:
+            wait_healthy(self.url, self.child.process, timeout_s)
+        except (RuntimeError, TimeoutError) as error:
+            raise type(error)(f"vLLM's server: {error}:\n{self.child.tail()}") from None
 
     def client(self, **kwargs) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
