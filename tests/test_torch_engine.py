@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from afa_serve.engine import speculative
 from afa_serve.engine.base import (
     EngineClosedError,
     GenerationRequest,
@@ -15,7 +16,6 @@ from afa_serve.engine.base import (
 )
 from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.loading import IncompatibleDraftError
-from afa_serve.engine import speculative
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.torch_engine import TorchEngine
 from afa_serve.engine.verify import SamplingSettings
