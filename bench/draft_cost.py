@@ -1,6 +1,8 @@
-"""c and v for draft shapes and head sizes, timed by the engine's own start-up calibration.
+"""c and v for draft shapes, head sizes and weight formats, timed by the engine's own start-up
+calibration.
 
-For each draft folder and each trimmed-head size, builds the torch engine's
+For each draft folder, trimmed-head size and draft weight format (the model's dtype or int8),
+builds the torch engine's
 `SpeculativeDecoder` and runs its `calibrate()` several times (each a median of a few
 single-token draft forwards and target passes of 1 .. k + 1 tokens); reports the median c
 (a draft forward over a one-token target pass) and v(k + 1), with the head's coverage of the
@@ -8,7 +10,8 @@ draft's training tokens (from `draft_vocab.json`; an untrained draft borrows ano
 through --vocab-from).
 
     python bench/draft_cost.py --target smollm2-135m-instruct --dtype bfloat16 \
-        --drafts DRAFT_A DRAFT_B --head-sizes 0 8192 4096 --out bench/results/draft_cost.json
+        --drafts DRAFT_A DRAFT_B --head-sizes 0 8192 4096 --draft-weights dtype int8 \
+        --out bench/results/draft_cost.json
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.models import resolve_model
 
 
-def measure(target, draft, head_ids, k: int, rounds: int) -> dict:
-    decoder = SpeculativeDecoder(target, draft, k, draft_vocab=head_ids)
+def measure(target, draft, head_ids, weights: str, k: int, rounds: int) -> dict:
+    decoder = SpeculativeDecoder(target, draft, k, draft_vocab=head_ids, draft_weights=weights)
     c, v, target_ms, draft_ms = [], [], [], []
     for _ in range(rounds):
         decoder.calibrate()
@@ -49,6 +52,8 @@ def main() -> None:
                         "drafts that have none")
     parser.add_argument("--head-sizes", nargs="+", type=int, default=[0, 8192],
                         help="0: the whole head")
+    parser.add_argument("--draft-weights", nargs="+", default=["dtype", "int8"],
+                        choices=["dtype", "int8"])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("-k", type=int, default=4)
@@ -70,13 +75,14 @@ def main() -> None:
             if size and vocab is None:
                 raise SystemExit(f"{folder}: no draft_vocab.json (pass --vocab-from)")
             head_ids = vocab.head_ids(size, eos_ids) if size else None
-            row = {"draft": folder, "layers": draft.config.num_hidden_layers,
-                   "head_size": size or draft.config.vocab_size,
-                   "coverage": vocab.coverage(size) if size else 1.0,
-                   "dtype": args.dtype, "threads": args.threads,
-                   **measure(target, draft, head_ids, args.k, args.rounds)}
-            print(json.dumps(row))
-            rows.append(row)
+            for weights in args.draft_weights:
+                row = {"draft": folder, "layers": draft.config.num_hidden_layers,
+                       "head_size": size or draft.config.vocab_size,
+                       "coverage": vocab.coverage(size) if size else 1.0,
+                       "draft_weights": weights, "dtype": args.dtype, "threads": args.threads,
+                       **measure(target, draft, head_ids, weights, args.k, args.rounds)}
+                print(json.dumps(row))
+                rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
