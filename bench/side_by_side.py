@@ -9,6 +9,8 @@ Configurations, each server started alone, on the same prompts:
     afa-torch-plain   afa-serve on its torch engine, no speculation
     afa-torch-spec    afa-serve on its torch engine with the draft as vLLM runs it (fixed k,
                       whole draft head, no confidence stop, no prompt lookup)
+    afa-torch-default afa-serve on its torch engine with the draft and its default settings
+                      (adaptive k, prompt lookup, confidence stop, trimmed int8 draft)
 
 Hugging Face `generate` (assisted or not) is not compared: the standard client needs a server.
 
@@ -57,7 +59,10 @@ CONFIGS: dict[str, tuple[Runner, bool]] = {
     "vllm-plain": ("vllm", False), "vllm-spec": ("vllm", True),
     "afa-vllm-spec": ("afa-vllm", True),
     "afa-torch-plain": ("afa-torch", False), "afa-torch-spec": ("afa-torch", True),
+    "afa-torch-default": ("afa-torch", True),
 }
+# The torch engine's speculation flags beside the draft, by configuration
+TORCH_SPECULATION = {"afa-torch-spec": TORCH_AS_VLLM, "afa-torch-default": []}
 # headline name: (configuration, configuration it is compared with)
 PAIRS = {"http_overhead_vs_vllm": ("afa-vllm-spec", "vllm-spec"),
          "afa_torch_spec_vs_vllm_spec": ("afa-torch-spec", "vllm-spec"),
@@ -116,7 +121,8 @@ def server_command(name: str, s: Settings, port: int) -> list[str]:
     if runner == "afa-vllm":
         return [*afa, "--engine", "vllm", *vllm_engine, *draft, "--speculation", "fixed"]
     threads = ["--torch-threads", str(s.torch_threads)] if s.torch_threads else []
-    speculation = [*draft, *TORCH_AS_VLLM] if speculative else ["--speculation", "off"]
+    speculation = [*draft, *TORCH_SPECULATION[name]] if speculative else [
+        "--speculation", "off"]
     return [*afa, "--engine", "torch", *threads, *speculation]
 
 

@@ -85,6 +85,16 @@ def test_afa_torch_spec_speculates_as_vllm_does(monkeypatch):
     assert config.ignored_by("torch") == []
 
 
+def test_afa_torch_default_keeps_the_servers_own_speculation_defaults(monkeypatch):
+    config = served_config(monkeypatch, "afa-torch-default")
+    defaults = ServeConfig()
+    assert (config.draft, config.num_speculative_tokens) == ("some/draft", 3)
+    assert (config.speculation, config.confidence_threshold, config.draft_vocab_size,
+            config.draft_weights, config.prompt_lookup_max) == (
+        defaults.speculation, defaults.confidence_threshold, defaults.draft_vocab_size,
+            defaults.draft_weights, defaults.prompt_lookup_max)
+
+
 def test_afa_torch_plain_does_not_speculate(monkeypatch):
     config = served_config(monkeypatch, "afa-torch-plain")
     assert (config.draft, config.speculation) == (None, "off")
