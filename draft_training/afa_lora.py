@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,15 @@ class AfaLoraConfig(BaseModel):
         if self.method == "lora":
             return 0.0
         return lambda_at(step, total_steps, self.anneal_fraction, self.schedule)
+
+
+def full_means_no_adapter(data: Any) -> Any:
+    """A config's raw values with `adapter.method = "full"` (as `--method full` gives it)
+    turned into no adapter (`adapter=None`): full fine-tuning. For configs' before-validators."""
+    adapter = data.get("adapter") if isinstance(data, dict) else None
+    if isinstance(adapter, dict) and adapter.get("method") == "full":
+        return {**data, "adapter": None}
+    return data
 
 
 def annealed_activation(

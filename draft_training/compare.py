@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import safe_open
 
 from afa_serve.atomic import atomic_file, recover_jsonl, write_json
@@ -83,6 +83,13 @@ class CompareConfig(BaseModel):
     ablation_limit: int | None = Field(
         None, ge=0, description="Run only the first N ablation cells (the AFA-LoRA arm's own "
         "cell first); 0 skips the ablation. [default: the whole grid]")
+
+    @model_validator(mode="after")
+    def _adapters_to_compare(self) -> CompareConfig:
+        if self.mission.adapter is None:
+            raise ValueError("compare needs the adapters' settings (it trains full fine-tuning "
+                             "as an arm of its own): drop --method full")
+        return self
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from afa_serve.atomic import atomic_file, write_json
 from afa_serve.engine.loading import resolve_device
 from afa_serve.models.resolve import resolve_model
-from draft_training.afa_lora import AfaLoraConfig, Method, inject, set_lambda
+from draft_training.afa_lora import (
+    AfaLoraConfig,
+    Method,
+    full_means_no_adapter,
+    inject,
+    set_lambda,
+)
 
 
 class FitConfig(BaseModel):
@@ -96,11 +102,7 @@ class FitConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _full_has_no_adapter(cls, data: Any) -> Any:
-        """`adapter.method = "full"` (as `--method full` gives it) means no adapter."""
-        adapter = data.get("adapter") if isinstance(data, dict) else None
-        if isinstance(adapter, dict) and adapter.get("method") == "full":
-            return {**data, "adapter": None}
-        return data
+        return full_means_no_adapter(data)
 
     @model_validator(mode="after")
     def _some_loss(self) -> FitConfig:

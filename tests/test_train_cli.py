@@ -13,9 +13,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from draft_training.afa_lora import AfaLoraConfig
 from draft_training.cli import app
+from draft_training.compare import CompareConfig
 from draft_training.fit import fit
-from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path
+from draft_training.pipeline import MissionConfig
+from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path, read_config
 from tests.conftest import tiny_llama
 
 runner = CliRunner()
@@ -313,6 +316,32 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert [record["kind"] for record in records if "kind" in record] == ["eval"]
     after = finished()
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
+
+
+def test_the_full_profile_fills_what_is_not_given_and_trains_every_weight(
+    target_dir, prompts_file, tmp_path
+):
+    full = MissionConfig(profile="full")
+    assert (full.work_dir, full.num_prompts, full.max_new_tokens, full.adapter, full.lr,
+            full.steps, full.eval_every, full.patience) == (
+        Path("afa-train-work-full"), 2000, 256, None, 1e-3, 400, 25, 4)
+    assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
+    default = MissionConfig()
+    assert (default.adapter, default.num_prompts, default.work_dir) == (
+        AfaLoraConfig(), 500, Path("afa-train-work"))
+    assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
+    with pytest.raises(ValueError, match="compare needs the adapters' settings"):
+        CompareConfig(mission=MissionConfig(adapter=None))
+
+    # on the command line, at a tiny size: flags override the profile's sizes; no adapter
+    work = tmp_path / "work"
+    without_rank = mission_args(target_dir, prompts_file, work, steps=2)[:-2]
+    stdout, stderr = invoke(*without_rank, "--profile", "full")
+    assert Path(last_line(stdout)) == work / "drafts" / "full"
+    run = read_config(work / "runs" / "full")
+    assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience) == (
+        None, 1e-3, 2, 25, 4)
+    assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
 
 
 def test_compare_trains_every_arm_and_writes_table_plots_and_results(
