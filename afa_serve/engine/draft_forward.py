@@ -112,9 +112,10 @@ class CompactCache:
             return
         while capacity < length:
             capacity *= 2
-        grown = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[3])
-        self.keys = torch.cat([self.keys, grown[:, :, self.keys.shape[2]:]], dim=2)
-        self.values = torch.cat([self.values, grown[:, :, self.values.shape[2]:]], dim=2)
+        layers, heads, held, head_dim = self.keys.shape
+        extra = self.keys.new_zeros(layers, heads, capacity - held, head_dim)
+        self.keys = torch.cat([self.keys, extra], dim=2)
+        self.values = torch.cat([self.values, extra], dim=2)
 
 
 class DraftCache(Protocol):
