@@ -29,7 +29,8 @@ from draft_training.run import FitConfig, config_path, read_config
 
 app = typer.Typer(
     help=(
-        "Train a speculative-decoding draft with AFA-LoRA and ship it as a dense checkpoint.\n\n"
+        "Train a speculative-decoding draft (in full, or with an AFA-LoRA or LoRA adapter) and "
+        "ship it as a dense checkpoint.\n\n"
         "The whole pipeline in one command:  afa-train mission  (prints the trained draft's "
         "folder; serve it with  afa-serve serve --draft FOLDER).\n\n"
         "Step by step:  init-draft → generate → fit → merge → eval.  A draft learns to predict "
@@ -202,9 +203,9 @@ def eval_command(
 @command(MissionConfig)
 def mission(config: MissionConfig) -> None:
     """The whole pipeline: pull the target → choose prompts (training / held-out) →
-    init-draft → generate the target's responses (with its top-k log-probabilities) → fit with
-    AFA-LoRA (cross-entropy + KL, best held-out checkpoint) → merge. Prints the merged draft's
-    folder as its last line.
+    init-draft → generate the target's responses (with its top-k log-probabilities) → fit
+    (every weight by default, or an adapter: --method afa-lora / lora; cross-entropy + KL, best
+    held-out checkpoint) → merge. Prints the merged draft's folder as its last line.
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
     only the steps that depend on it run again; a killed run resumes. Defaults are sized for

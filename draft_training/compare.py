@@ -56,7 +56,8 @@ from draft_training.schedule import ScheduleKind
 
 # A mission sized for comparing arms: fewer prompts and shorter responses than `mission`'s.
 COMPARE_MISSION = MissionConfig(
-    num_prompts=120, num_heldout=20, max_new_tokens=96, batch_size=8, lr=1e-3
+    num_prompts=120, num_heldout=20, max_new_tokens=96, batch_size=8, lr=1e-3,
+    adapter=AfaLoraConfig(),
 )
 
 

@@ -318,7 +318,7 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
 
 
-def test_the_full_profile_fills_what_is_not_given_and_trains_every_weight(
+def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_its_sizes(
     target_dir, prompts_file, tmp_path
 ):
     full = MissionConfig(profile="full")
@@ -326,9 +326,11 @@ def test_the_full_profile_fills_what_is_not_given_and_trains_every_weight(
             full.steps, full.eval_every, full.patience) == (
         Path("afa-train-work-full"), 2000, 256, None, 1e-3, 400, 25, 4)
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
-    default = MissionConfig()
-    assert (default.adapter, default.num_prompts, default.work_dir) == (
-        AfaLoraConfig(), 500, Path("afa-train-work"))
+    default = MissionConfig()  # full fine-tuning unless an adapter is asked for
+    assert (default.adapter, default.lr, default.num_prompts, default.work_dir) == (
+        None, 1e-3, 500, Path("afa-train-work"))
+    assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3  # the adapters' learning rate
+    assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
     with pytest.raises(ValueError, match="compare needs the adapters' settings"):
         CompareConfig(mission=MissionConfig(adapter=None))
