@@ -20,7 +20,7 @@ from afa_serve.atomic import write_json
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.base import SpecDecodeCounts
 from afa_serve.engine.config import DEFAULT_MODEL, EngineConfig
-from afa_serve.engine.draft_forward import DraftWeightsSetting, resolve_draft_weights
+from afa_serve.engine.draft_forward import DraftWeightsSetting
 from afa_serve.engine.draft_vocab import DEFAULT_DRAFT_VOCAB_SIZE, read_draft_vocab
 from afa_serve.engine.loading import DeviceName, DTypeName, load_target_and_draft
 from afa_serve.engine.policy import DEFAULT_CONFIDENCE_THRESHOLD
@@ -116,13 +116,12 @@ def bench(
     head_ids = vocab.head_ids(size, eos) if vocab and size else None
 
     k = config.num_speculative_tokens
-    weights = resolve_draft_weights(config.draft_weights, draft_model)
 
     def policy(prompt_lookup: PromptLookup | None) -> SpeculativeDecoder:
         return SpeculativeDecoder(
             target_model, draft_model, k, speculation="adaptive",
             confidence_threshold=config.confidence_threshold, draft_vocab=head_ids,
-            prompt_lookup=prompt_lookup, draft_weights=weights)
+            prompt_lookup=prompt_lookup, draft_weights=config.draft_weights)
 
     decoders = {
         "plain": SpeculativeDecoder(target_model),
@@ -164,7 +163,8 @@ def bench(
         "spec_tokens": default.num_tokens,
         "settings": {
             "target": config.target, "draft": config.draft, "prompts": config.prompts, "k": k,
-            "confidence_threshold": config.confidence_threshold, "draft_weights": weights,
+            "confidence_threshold": config.confidence_threshold,
+            "draft_weights": decoders["default"].draft_weights,
             "prompt_lookup": [config.prompt_lookup_min, config.prompt_lookup_max]
             if lookup else None,
             "max_tokens": config.max_new_tokens, "temperature": config.temperature,

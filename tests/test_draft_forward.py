@@ -106,6 +106,11 @@ def test_auto_weights_are_int8_on_cpu_for_covered_models_only():
     assert resolve_draft_weights("auto", tiny_llama()) == "int8"
     assert resolve_draft_weights("auto", tiny_gpt2()) == "dtype"
     assert resolve_draft_weights("dtype", tiny_llama()) == "dtype"
+    # the decoder resolves the setting itself and says what its draft runs in
+    target = tiny_llama()
+    assert SpeculativeDecoder(target, tiny_llama(), 4, draft_weights="auto").draft_weights == "int8"
+    assert SpeculativeDecoder(target, tiny_gpt2(), 4, draft_weights="auto").draft_weights == "dtype"
+    assert SpeculativeDecoder(target).draft_weights is None
 
 
 @pytest.mark.parametrize("weights", ["dtype", "int8"])

@@ -4,15 +4,16 @@ Two implementations of one interface (`new_cache()`, `logits(cache, token_ids)`)
 `HFDraftForward` runs the transformers model; `CompactDraftForward` runs the same weights
 without the transformers module stack, optionally in int8. `draft_forward` picks.
 
-A 2-layer SmolLM2 draft does little arithmetic per token (576-wide matrices): its time goes
-to reading its weights from memory and to the Python of transformers' module stack (module
-calls, cache objects, masks, output dataclasses). For Llama-family decoders (Llama, Qwen2, Mistral: pre-norm RMSNorm, rotary attention with grouped
-KV heads, SiLU-gated MLP) this module runs the same computation on the model's own weight
-tensors, fused where that is exact (q/k/v into one matrix, gate/up into one), with a KV cache
-of preallocated tensors that a step only writes into and crops by moving its length. The
-arithmetic follows transformers' (RMSNorm in float32, rotary tables in float32 cast to the
-model's dtype), so its logits match HF's to rounding. It only proposes tokens: the target
-verifies every one, so decoding stays lossless whatever its rounding.
+A 2-layer SmolLM2 draft does little arithmetic per token (576-wide matrices): its time goes to
+reading its weights from memory and to the Python of transformers' module stack (module calls,
+cache objects, masks, output dataclasses). For Llama-family decoders (Llama, Qwen2, Mistral:
+pre-norm RMSNorm, rotary attention with grouped KV heads, SiLU-gated MLP) this module runs the
+same computation on the model's own weight tensors, fused where that is exact (q/k/v into one
+matrix, gate/up into one), with a KV cache of preallocated tensors that a step only writes into
+and crops by moving its length. The arithmetic follows transformers' (RMSNorm in float32, rotary
+tables in float32 cast to the model's dtype), so its logits match HF's to rounding. It only
+proposes tokens: the target verifies every one, so decoding stays lossless whatever its
+rounding.
 
 Measured (SmolLM2 2-layer draft, 4096-token head, bfloat16, one thread; README): a draft
 forward takes 4.2 ms through HF, 3.4 ms compact and 2.0 ms compact in int8 (one scale per
@@ -192,7 +193,6 @@ class CompactDraftForward:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the compact draft forward does not cover {reason}")
-        self.int8 = int8
         config = model.config
         decoder = model.get_decoder()
         self.num_heads = config.num_attention_heads

@@ -36,7 +36,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from afa_serve.engine.base import SpecDecodeCounts, TokenLogprob
-from afa_serve.engine.draft_forward import DraftCache, DraftWeights, draft_forward
+from afa_serve.engine.draft_forward import (
+    DraftCache,
+    DraftWeights,
+    DraftWeightsSetting,
+    draft_forward,
+    resolve_draft_weights,
+)
 from afa_serve.engine.logprobs import token_logprobs
 from afa_serve.engine.penalties import adjust
 from afa_serve.engine.policy import RequestSpeculation, SpeculationMode, SpeculationPolicy
@@ -102,7 +108,8 @@ class SpeculativeDecoder:
     `num_speculative_tokens` is k, the most tokens a step drafts; `speculation` says how each
     step's k is chosen (`fixed`: always k; `adaptive`: by `policy.py`; `off`: never draft).
     `draft_weights="int8"` runs the draft with int8 weights (a ValueError for a model the
-    compact draft forward does not cover).
+    compact draft forward does not cover); `"auto"` resolves as the engine's setting does, and
+    `self.draft_weights` says what the draft runs in.
     """
 
     def __init__(
@@ -115,7 +122,7 @@ class SpeculativeDecoder:
         confidence_threshold: float = 0.0,
         draft_vocab: Sequence[int] | None = None,
         prompt_lookup: PromptLookup | None = None,
-        draft_weights: DraftWeights = "dtype",
+        draft_weights: DraftWeightsSetting = "dtype",
     ):
         if num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
@@ -133,9 +140,11 @@ class SpeculativeDecoder:
         if draft is not None and draft_vocab is not None:
             self._draft_ids = torch.tensor(list(draft_vocab), dtype=torch.long,
                                            device=draft.device)
-        self._draft_forward = None if draft is None else draft_forward(
-            draft, self._draft_ids, draft_weights)
-        self.draft_weights: DraftWeights | None = None if draft is None else draft_weights
+        self.draft_weights: DraftWeights | None = None
+        self._draft_forward = None
+        if draft is not None:
+            self.draft_weights = resolve_draft_weights(draft_weights, draft)
+            self._draft_forward = draft_forward(draft, self._draft_ids, self.draft_weights)
 
     @property
     def draft_vocab_size(self) -> int | None:

@@ -37,7 +37,6 @@ from afa_serve.engine.base import (
     public_model_name,
 )
 from afa_serve.engine.config import EngineConfig
-from afa_serve.engine.draft_forward import resolve_draft_weights
 from afa_serve.engine.draft_vocab import DraftVocab, read_draft_vocab
 from afa_serve.engine.loading import (
     check_draft_compatible,
@@ -216,8 +215,7 @@ class TorchEngine:
             confidence_threshold=self.config.confidence_threshold,
             draft_vocab=head_ids,
             prompt_lookup=self.config.prompt_lookup,
-            draft_weights="dtype" if draft is None else resolve_draft_weights(
-                self.config.draft_weights, draft),
+            draft_weights=self.config.draft_weights,
         )
         self._tokenizer = tokenizer
         context = max_context_length(target)
