@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from afa_serve.engine.draft_vocab import read_draft_vocab
+from afa_serve.engine.loading import eos_token_ids, load_tokenizer
 
 CONTEXT_TOKENS = 300  # of each prompt's end: what the draft sees before the response
 
@@ -31,8 +32,7 @@ def main() -> None:
 
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
     vocab = read_draft_vocab(args.draft)
-    eos = draft.generation_config.eos_token_id
-    always = eos if isinstance(eos, list) else [eos]
+    always = eos_token_ids(draft, load_tokenizer(args.draft))  # as the engine adds them
     heads = {size: torch.tensor(vocab.head_ids(size, always)) for size in args.sizes if size}
     agreed = dict.fromkeys(args.sizes, 0)
     covered = dict.fromkeys(args.sizes, 0)
