@@ -119,3 +119,16 @@ def test_chi_square_check_rejects_the_drafts_own_law():
     outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
     counts = _sample_counts(SpeculativeDecoder(draft), PROMPT, LENGTH, settings, outcomes, RUNS)
     assert _chi_square_p_value(counts, exact) < 1e-6
+
+
+def test_logits_that_overflow_give_the_softmaxs_limit_not_nan():
+    """A repetition penalty or temperature near 0 turns finite logits into +inf (fuzzing sent
+    repetition_penalty 5e-324): such a row is uniform over its largest logits, others as
+    before."""
+    penalised = torch.tensor([1.0, float("inf"), -2.0, float("inf"), float("-inf")])
+    plain = torch.tensor([1.0, 3.0, -2.0, 3.0, float("-inf")])
+    probs = probabilities(torch.stack([penalised, plain]), SamplingSettings(temperature=1.0))
+    assert probs[0].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.5, 0.0])
+    assert probs[1].tolist() == pytest.approx(plain.softmax(-1).tolist())
+    tiny = probabilities(plain[None], SamplingSettings(temperature=5e-324))
+    assert tiny[0].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.5, 0.0])

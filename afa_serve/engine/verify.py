@@ -44,7 +44,15 @@ class VerifyResult:
 
 def probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """Softmax of `logits` (..., V) after temperature, top-k, top-p and min-p, in float32."""
-    logits = logits.float() / settings.temperature
+    raw = logits.float()
+    logits = raw / settings.temperature
+    # A temperature or repetition penalty near 0 overflows finite logits to +inf (softmax: NaN).
+    # Such a row takes the softmax's limit: uniform over its largest logits.
+    overflowed = torch.isposinf(logits).any(dim=-1, keepdim=True)
+    if overflowed.any():
+        largest = raw == raw.amax(dim=-1, keepdim=True)
+        limit = torch.zeros_like(logits).masked_fill(~largest, float("-inf"))
+        logits = torch.where(overflowed, limit, logits)
     vocab_size = logits.shape[-1]
     if 0 < settings.top_k < vocab_size:
         kth_largest = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
