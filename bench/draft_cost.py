@@ -9,6 +9,9 @@ single-token draft forwards and target passes of 1 .. k + 1 tokens); reports the
 draft's training tokens (from `draft_vocab.json`; an untrained draft borrows another's file
 through --vocab-from).
 
+Each row also times the draft step through transformers' own forward beside the engine's
+(compact, or int8) one, as `hf_forward_ms` / `engine_forward_ms`.
+
     python bench/draft_cost.py --target smollm2-135m-instruct --dtype bfloat16 \
         --drafts DRAFT_A DRAFT_B --head-sizes 0 8192 4096 --draft-weights dtype int8 \
         --out bench/results/draft_cost.json
@@ -19,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
+from afa_serve.engine.draft_forward import HFDraftForward, draft_forward
 from afa_serve.engine.draft_vocab import read_draft_vocab
 from afa_serve.engine.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from afa_serve.engine.speculative import SpeculativeDecoder
@@ -44,6 +49,29 @@ def measure(target, draft, head_ids, weights: str, k: int, rounds: int) -> dict:
             "draft_forward_ms": statistics.median(draft_ms)}
 
 
+def forward_ms(forward, context: list[int], steps: int = 32) -> float:
+    """Median ms of a one-token draft forward after `context` (its argmax read back, as the
+    decoder does, which also waits for a GPU)."""
+    cache = forward.new_cache()
+    forward.logits(cache, context)
+    times = []
+    for token in context[:steps]:
+        started = time.perf_counter()
+        int(forward.logits(cache, [token]).argmax())
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def compare_forwards(draft, head_ids, weights: str, vocab_size: int) -> dict:
+    """The same draft step through transformers' forward and through the engine's own."""
+    context = torch.randint(vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    head = None if head_ids is None else torch.tensor(head_ids, device=draft.device)
+    engines = draft_forward(draft, head, weights)
+    return {"engine_forward": type(engines).__name__,
+            "engine_forward_ms": forward_ms(engines, context),
+            "hf_forward_ms": forward_ms(HFDraftForward(draft, head), context)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m-instruct")
@@ -55,6 +83,7 @@ def main() -> None:
     parser.add_argument("--draft-weights", nargs="+", default=["dtype", "int8"],
                         choices=["dtype", "int8"])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
@@ -62,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     target = load_model(args.target, dtype, device)
     eos_ids = eos_token_ids(target, load_tokenizer(args.target))
@@ -80,7 +109,8 @@ def main() -> None:
                        "head_size": size or draft.config.vocab_size,
                        "coverage": vocab.coverage(size) if size else 1.0,
                        "draft_weights": weights, "dtype": args.dtype, "threads": args.threads,
-                       **measure(target, draft, head_ids, weights, args.k, args.rounds)}
+                       **measure(target, draft, head_ids, weights, args.k, args.rounds),
+                       **compare_forwards(draft, head_ids, weights, draft.config.vocab_size)}
                 print(json.dumps(row))
                 rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)

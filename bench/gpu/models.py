@@ -1,11 +1,12 @@
 """Carry the packaged target and a trained draft to a GPU machine that reaches no registry.
 
-A device call carries at most 64 MiB, so neither model travels as an HF folder. The target goes
-as its GGUF (93 MB, split in two) and is converted there; the draft goes as the few tensors in
-which it differs from a truncated copy of the target (a trained 2-layer draft: its layers, ~14 MB
-in bf16), and is rebuilt there with afa-train's own `truncated_draft`.
+Neither model travels as an HF folder. The target goes as its GGUF (93 MB) and is converted
+there; the draft goes as the tensors in which it differs from a truncated copy of the target (a
+trained 2-layer draft: its layers, ~14 MB in bf16, plus its embeddings where it trained them,
+57 MB) with its `draft_vocab.json`, and is rebuilt there with afa-train's own
+`truncated_draft`. `bench/gpu/carry.sh` splits the folder into pieces a device call can carry.
 
-    here:   python bench/gpu/models.py export --target T --draft D --out .gpu
+    here:   python bench/gpu/models.py export --target T --draft D --gguf G --out .gpu/payload
     there:  python bench/gpu/models.py build --carried DIR... --out /root/models
 
 `build` also files the target in afa-serve's model cache as if pulled, so the packaged name
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from afa_serve.engine.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from afa_serve.models.cache import PULL_RECORD, model_folder
 from afa_serve.models.convert import convert_gguf_to_hf
 from afa_serve.models.pull import assemble_gguf
@@ -30,23 +32,24 @@ from afa_serve.models.registry import packaged_model
 from draft_training.init_draft import truncated_draft
 
 MODEL = "smollm2-135m-instruct"
-GGUF_PARTS = ("gguf.part0", "gguf.part1")
+GGUF = "target.gguf"
 DRAFT_TENSORS = "draft_delta.safetensors"
 DRAFT_META = "draft.json"
 
 
 def export(target: Path, draft: Path, gguf: Path, out: Path) -> None:
-    """Write the GGUF in two halves and the draft's tensors that differ from the target's."""
-    data = gguf.read_bytes()
-    half = len(data) // 2
+    """Write the GGUF, the draft's tensors that differ from the target's and its head's
+    vocabulary."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, piece in zip(GGUF_PARTS, (data[:half], data[half:]), strict=True):
-        (out / name).write_bytes(piece)
+    shutil.copyfile(gguf, out / GGUF)
+    if (draft / DRAFT_VOCAB_FILE).is_file():
+        shutil.copyfile(draft / DRAFT_VOCAB_FILE, out / DRAFT_VOCAB_FILE)
     target_state = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).state_dict()
     draft_model = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32)
+    tied = {"lm_head.weight"} if draft_model.config.tie_word_embeddings else set()
     changed = {name: tensor.to(torch.bfloat16).contiguous()
                for name, tensor in draft_model.state_dict().items()
-               if not torch.equal(tensor, target_state[name])}
+               if name not in tied and not torch.equal(tensor, target_state[name])}
     save_file(changed, out / DRAFT_TENSORS)
     meta = {"num_layers": draft_model.config.num_hidden_layers, "draft": str(draft)}
     (out / DRAFT_META).write_text(json.dumps(meta))
@@ -56,9 +59,8 @@ def export(target: Path, draft: Path, gguf: Path, out: Path) -> None:
 def build(carried: list[Path], out: Path) -> None:
     """Assemble and check the GGUF, convert it, and rebuild the draft beside it."""
     files = {path.name: path for folder in carried for path in folder.iterdir()}
-    parts = [files[name] for name in GGUF_PARTS]
     out.mkdir(parents=True, exist_ok=True)
-    gguf = assemble_gguf(parts, packaged_model(MODEL).gguf_sha256, out)  # checks the sha256
+    gguf = assemble_gguf([files[GGUF]], packaged_model(MODEL).gguf_sha256, out)  # checks sha256
     convert_gguf_to_hf(gguf, out / "target")
     cached = model_folder(MODEL)
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,8 @@ def build(carried: list[Path], out: Path) -> None:
     draft.load_state_dict({**draft.state_dict(), **changed})
     draft.save_pretrained(out / "draft")
     AutoTokenizer.from_pretrained(out / "target").save_pretrained(out / "draft")
+    if DRAFT_VOCAB_FILE in files:
+        shutil.copyfile(files[DRAFT_VOCAB_FILE], out / "draft" / DRAFT_VOCAB_FILE)
     print(f"target and draft ({meta['num_layers']} layers, {len(changed)} trained tensors) "
           f"in {out}")
 
