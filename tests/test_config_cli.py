@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import typer
 from pydantic import BaseModel
@@ -101,6 +103,14 @@ def test_nested_defaults_are_the_parents_default_instance():
     options = {o.name: o for o in derive_options(CompareConfig)}
     assert options["num_prompts"].parameter.default == COMPARE_MISSION.num_prompts == 120
     assert CompareConfig.model_fields["mission"].default is COMPARE_MISSION
+    assert options["work_dir"].parameter.default == Path("afa-train-work-compare")
+
+
+def test_mission_profiles_and_compare_keep_their_steps_in_separate_folders():
+    from draft_training.pipeline import FULL_PROFILE, MissionConfig
+
+    folders = {MissionConfig().work_dir, FULL_PROFILE["work_dir"], COMPARE_MISSION.work_dir}
+    assert len(folders) == 3
 
 
 def test_fit_method_full_trains_without_an_adapter(tmp_path):
