@@ -4,7 +4,11 @@ and head.
 Which layers: the first N (`num_layers`, a truncated draft), or any sorted set of them
 (`layers`, e.g. (0, 1, 28, 29): a layer-skipping draft keeping early and late layers).
 
-Works for Llama/Qwen2-style HF causal LMs, whose decoder layers are `model.layers.{i}`: the
+`kind="feature"` writes a feature draft instead (`afa_serve.engine.feature_draft`, EAGLE-1 in
+vLLM's format): one layer that reads the target's last hidden state, started from the target's
+last layer; the layer settings do not apply to it.
+
+Truncated drafts work for Llama/Qwen2-style HF causal LMs, whose decoder layers are `model.layers.{i}`: the
 draft's config is the target's with `num_hidden_layers = len(layers)` (and per-layer lists such
 as `layer_types` picked at those layers), the draft's layer i holds the weights of the target's
 layer `layers[i]`, and every other draft weight is the target weight of the same name.
@@ -31,7 +35,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from afa_serve.atomic import atomic_directory
 from afa_serve.descriptions import TARGET_HELP
+from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.engine.loading import load_model, load_tokenizer
+
+DraftKind = Literal["truncated", "feature"]
+DRAFT_KIND_HELP = ("truncated: the target's embeddings, some of its layers, norm and head; "
+                   "feature: one layer reading the target's last hidden state beside the next "
+                   "token (EAGLE-1, vLLM's format), trained with the target beside it")
 
 # Config entries that hold one value per decoder layer.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "no_rope_layers")
@@ -45,6 +55,7 @@ class InitDraftConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     target: str = Field(description=TARGET_HELP)
+    kind: DraftKind = Field("truncated", description=DRAFT_KIND_HELP)
     num_layers: int | None = Field(2, ge=1, description="Keep the target's first N layers.")
     layers: tuple[int, ...] | None = Field(
         None, description="Or these target layers: 0-based, sorted, comma-separated (0,1,28,29: "
@@ -80,6 +91,8 @@ class InitDraftConfig(BaseModel):
         data = handler(self)
         if self.layers is None:
             data.pop("layers", None)
+        if self.kind == "truncated":  # likewise from before `kind`
+            data.pop("kind", None)
         return data
 
 
@@ -179,6 +192,10 @@ def truncated_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel
 def init_draft(config: InitDraftConfig) -> Path:
     """Write the draft as a dense HF folder with tokenizer and generation config."""
     target = load_model(config.target, getattr(torch, config.dtype), torch.device("cpu"))
+    if config.kind == "feature":
+        with atomic_directory(config.out, overwrite=config.overwrite) as folder:
+            FeatureDraft.from_target(target).save(folder)
+        return config.out
     tokenizer = load_tokenizer(config.target)
     if config.layers is not None:
         draft = layer_draft(target, config.layers)

@@ -20,10 +20,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from afa_serve.atomic import atomic_directory, recover_jsonl
 from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
+from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import merge
-from draft_training.examples import collate, load_examples
-from draft_training.run import Method, read_config, trained_model
+from draft_training.examples import Batch, collate, load_examples
+from draft_training.feature_training import FeatureDraftLM
+from draft_training.run import FitConfig, Method, read_config, trained_model
 
 SAMPLE_EXAMPLES = 4
 SAMPLE_LENGTH = 64
@@ -44,6 +46,8 @@ class MergeReport:
 def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
     config = read_config(run_dir)
     model, weights = trained_model(run_dir)
+    if isinstance(model, FeatureDraftLM):
+        return _save_feature_draft(config, model, weights.step, out, overwrite)
     if weights.lam > 0.0:
         raise MergeRefusedError(
             f"refusing to merge {run_dir}: its weights (step {weights.step}) were trained at "
@@ -71,3 +75,29 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
     mask = samples.attention_mask.bool()
     difference = (merged_logits - unmerged_logits)[mask].abs().max().item()
     return MergeReport(out, config.method, weights.step, difference)
+
+
+def _save_feature_draft(config: FitConfig, model: FeatureDraftLM, step: int, out: Path,
+                        overwrite: bool) -> MergeReport:
+    """A feature draft has no adapter to fold: its folder (vLLM's EAGLE format) is written and
+    read back, and the logits through it compared with the trained module's."""
+    samples = collate(
+        load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
+    )
+    with atomic_directory(out, overwrite=overwrite) as folder:
+        model.draft.save(folder)
+        write_draft_vocab(folder, count_tokens(
+            record["response_token_ids"] for record in recover_jsonl(config.data)))
+        reloaded = FeatureDraftLM(model.target, FeatureDraft.load(
+            folder, torch.float32, torch.device("cpu")))
+        difference = max(
+            (_logits(reloaded, samples) - _logits(model, samples))[
+                samples.attention_mask.bool()].abs().max().item(), 0.0)
+    return MergeReport(out, config.method, step, difference)
+
+
+@torch.no_grad()
+def _logits(model: FeatureDraftLM, samples: Batch) -> torch.Tensor:
+    hidden = model(input_ids=samples.input_ids,
+                   attention_mask=samples.attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden)

@@ -45,7 +45,7 @@ from afa_serve.prompts import Prompt, load_prompts
 from draft_training.afa_lora import AfaLoraConfig, full_means_no_adapter
 from draft_training.fit import fit, resume
 from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
-from draft_training.init_draft import InitDraftConfig, init_draft
+from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfig, init_draft
 from draft_training.merge import merge_run
 from draft_training.run import FitConfig, config_path, final_path, read_config
 from draft_training.topk_store import topk_dir
@@ -98,7 +98,8 @@ class MissionConfig(BaseModel):
         48, ge=1, description="Prompts kept out of training, for eval "
         "(WORK/prompts/heldout.jsonl).")
     split_seed: int = Field(0, description="Seed of the training / held-out split.")
-    layers: int = Field(2, ge=1, description="Decoder layers of the draft.")
+    draft_kind: DraftKind = Field("truncated", description=DRAFT_KIND_HELP)
+    layers: int = Field(2, ge=1, description="Decoder layers of a truncated draft.")
     max_new_tokens: int = Field(192, ge=1, description="Longest target response to train on.")
     generate_batch_size: int = Field(
         DEFAULT_BATCH_SIZE, ge=1, description="Prompts the target answers at once.")
@@ -135,6 +136,19 @@ class MissionConfig(BaseModel):
         if data.get("adapter") is not None and "lr" not in data:
             data = {**data, "lr": ADAPTER_LR}
         return data
+
+    @model_validator(mode="after")
+    def _feature_drafts_train_in_full(self) -> MissionConfig:
+        if self.draft_kind == "feature" and self.adapter is not None:
+            raise ValueError("a feature draft trains in full: drop the adapter (--method full)")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        """The fit's and merged draft's folder name in the work dir."""
+        if self.draft_kind == "feature":
+            return "feature"
+        return "full" if self.adapter is None else afa_run_name(self.adapter)
 
 
 @dataclass(frozen=True)
@@ -271,8 +285,10 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
 
     init_config = InitDraftConfig(
         target=config.target,
+        kind=config.draft_kind,
         num_layers=config.layers,
-        out=work.root / "draft-init",
+        out=work.root / ("draft-init" if config.draft_kind == "truncated"
+                         else "draft-init-feature"),
         overwrite=True,
     )
     draft_step = work.step(
@@ -364,6 +380,7 @@ def draft_fit_config(
     } if heldout else {}
     return FitConfig(
         draft=str(prepared.draft_init.output),
+        target=config.target if config.draft_kind == "feature" else None,
         data=prepared.data.output,
         out=config.work_dir / "runs" / name,
         adapter=adapter,
@@ -392,7 +409,7 @@ class MissionResult:
 def run_mission(config: MissionConfig, log: Log) -> MissionResult:
     work = WorkDir(config.work_dir, log)
     prepared = prepare(config, work)
-    name = "full" if config.adapter is None else afa_run_name(config.adapter)
+    name = config.run_name
     fit_config = draft_fit_config(config, prepared, name, config.adapter, config.lr, heldout=True)
     fitted = fit_step(work, name, fit_config,
                       after=[prepared.draft_init, prepared.data, prepared.heldout_data])

@@ -38,12 +38,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from afa_serve.atomic import atomic_file, write_json
+from afa_serve.engine.feature_draft import is_feature_draft
 from afa_serve.engine.loading import resolve_device
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import (
@@ -53,6 +61,7 @@ from draft_training.afa_lora import (
     inject,
     set_lambda,
 )
+from draft_training.feature_training import FeatureDraftLM, build_feature_draft_lm
 
 
 class FitConfig(BaseModel):
@@ -61,6 +70,9 @@ class FitConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     draft: str = Field(description="The draft to train (folder or model name).")
+    target: str | None = Field(
+        None, description="The target whose last hidden states a feature draft reads "
+        "(`init-draft --kind feature`); other drafts need none.")
     data: Path = Field(description="JSONL written by `afa-train generate`.")
     out: Path = Field(description="Run folder: config, metrics, checkpoints, weights.")
     adapter: AfaLoraConfig | None = AfaLoraConfig()
@@ -114,6 +126,14 @@ class FitConfig(BaseModel):
     def method(self) -> Method:
         return "full" if self.adapter is None else self.adapter.method
 
+    @model_serializer(mode="wrap")
+    def _without_unset_target(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the mission's step keys of truncated drafts stay as they were before `target` existed
+        data = handler(self)
+        if self.target is None:
+            data.pop("target", None)
+        return data
+
 
 def config_path(run_dir: Path) -> Path:
     return run_dir / "config.json"
@@ -156,8 +176,15 @@ def read_config(run_dir: Path) -> FitConfig:
     return FitConfig.model_validate(recorded)
 
 
-def build_model(config: FitConfig) -> PreTrainedModel:
-    """The draft in float32 on CPU, with the adapter injected (or all weights trainable)."""
+def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
+    """The draft in float32 on CPU, with the adapter injected (or all weights trainable); a
+    feature draft trains in full beside its frozen target."""
+    if is_feature_draft(Path(resolve_model(config.draft))):
+        if config.target is None:
+            raise ValueError(f"{config.draft} is a feature draft: it needs --target")
+        if config.adapter is not None:
+            raise ValueError("a feature draft (5 M parameters) trains in full: --method full")
+        return build_feature_draft_lm(config.draft, config.target)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft), dtype=torch.float32)
     if config.adapter is None:
         model.requires_grad_(True)

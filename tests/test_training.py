@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from afa_serve.engine.draft_vocab import read_draft_vocab
+from afa_serve.engine.speculative import SpeculativeDecoder
+from afa_serve.engine.verify import SamplingSettings
 from afa_serve.prompts import load_prompts, prompt_token_ids
 from draft_training.afa_lora import AfaLoraConfig
 from draft_training.fit import fit, resume
@@ -346,3 +348,38 @@ def test_merge_refuses_a_run_stopped_while_lambda_is_above_zero(draft_dir, data_
     assert not (tmp_path / "merged").exists()
     resume(run.out)
     assert merge_run(run.out, tmp_path / "merged").max_abs_logit_diff < 1e-4
+
+
+def test_a_feature_draft_trains_beside_its_target_merges_and_serves(
+    target_dir, data_file, tmp_path
+):
+    """init-draft --kind feature → fit (full, the target beside it) → merge → the engine's
+    decoder loads it and decodes exactly what the target alone does."""
+    from afa_serve.engine.feature_draft import FeatureDraft, is_feature_draft
+    from afa_serve.engine.loading import load_target_and_draft
+
+    init = init_draft(InitDraftConfig(target=str(target_dir), kind="feature",
+                                      out=tmp_path / "init"))
+    assert is_feature_draft(init)
+    with pytest.raises(ValueError, match="needs --target"):
+        fit(fit_config(init, data_file, tmp_path / "no-target", adapter=None))
+    run = fit_config(init, data_file, tmp_path / "run", adapter=None, target=str(target_dir),
+                     max_steps=6)
+    result = fit(run)
+    losses = [record["loss"] for record in metrics(run.out)]
+    assert losses[-1] < losses[0]  # the draft learns from the target's features
+    report = merge_run(run.out, tmp_path / "merged")
+    assert (report.method, report.step) == ("full", 6) and report.max_abs_logit_diff < 1e-5
+    trained = FeatureDraft.load(tmp_path / "merged", torch.float32, torch.device("cpu"))
+    started = FeatureDraft.load(init, torch.float32, torch.device("cpu"))
+    assert not torch.equal(trained.fc.weight, started.fc.weight)
+    assert read_draft_vocab(tmp_path / "merged") is not None
+    assert result.steps == 6
+
+    models = load_target_and_draft(str(target_dir), str(tmp_path / "merged"), "float32", "cpu")
+    plain = SpeculativeDecoder(models.target)
+    decoder = SpeculativeDecoder(models.target, models.draft, 3)
+    greedy = SamplingSettings(temperature=0.0)
+    for prompt in ([5, 9, 11], list(range(30, 60))):
+        assert (decoder.generate(prompt, 24, greedy).token_ids
+                == plain.generate(prompt, 24, greedy).token_ids)

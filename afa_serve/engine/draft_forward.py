@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from afa_serve.engine.feature_draft import FeatureDraft
+
 DraftWeights = Literal["dtype", "int8"]  # the model's own dtype, or int8 with row scales
 DraftWeightsSetting = Literal["auto", "int8", "dtype"]
 
@@ -82,7 +84,7 @@ class _Linear:
 
 @dataclass
 class _Layer:
-    input_norm: torch.Tensor
+    input_norm: torch.Tensor | None  # None: none (a feature draft's layer)
     qkv: _Linear  # [q_size + 2 * kv_size, hidden]
     out: _Linear
     post_norm: torch.Tensor
@@ -194,22 +196,21 @@ class CompactDraftForward:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the compact draft forward does not cover {reason}")
-        config = model.config
         decoder = model.get_decoder()
+        self._shapes(model.config, model.dtype, model.device)
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.final_norm: torch.Tensor | None = decoder.norm.weight.detach()
+        self.head = _head(model, head_ids, int8)
+        self.layers = [self._layer(layer, int8) for layer in decoder.layers]
+
+    def _shapes(self, config, dtype: torch.dtype, device: torch.device) -> None:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.eps = config.rms_norm_eps
-        self.dtype = model.dtype
-        self.device = model.device
-        self.embed = decoder.embed_tokens.weight.detach()
-        self.final_norm = decoder.norm.weight.detach()
-        head = model.get_output_embeddings().weight.detach()
-        if head_ids is not None:
-            head = head.index_select(0, head_ids).contiguous()
-        self.head = _Linear(head, None, int8)
-        self.layers = [self._layer(layer, int8) for layer in decoder.layers]
+        self.dtype = dtype
+        self.device = device
         base = config.rope_parameters["rope_theta"]
         self.inv_freq = 1.0 / (base ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.float, device=self.device)
@@ -221,8 +222,9 @@ class CompactDraftForward:
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         biases = [p.bias for p in projections]
         out_bias = attention.o_proj.bias
+        input_norm = getattr(layer.input_layernorm, "weight", None)  # Identity: none
         return _Layer(
-            input_norm=layer.input_layernorm.weight.detach(),
+            input_norm=None if input_norm is None else input_norm.detach(),
             qkv=_Linear(torch.cat([p.weight.detach() for p in projections]),
                         None if biases[0] is None else torch.cat([b.detach() for b in biases]),
                         int8),
@@ -239,7 +241,9 @@ class CompactDraftForward:
         return CompactCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
                             torch.zeros(shape, dtype=self.dtype, device=self.device))
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None:
+            return x
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(self.dtype)
@@ -258,10 +262,14 @@ class CompactDraftForward:
 
     @torch.inference_mode()
     def logits(self, cache: CompactCache, token_ids: list[int]) -> torch.Tensor:
-        count, start = len(token_ids), cache.length
+        x = self._decode(cache, self.embed[torch.tensor(token_ids, device=self.device)])
+        return self.head(self._norm(x[-1:], self.final_norm))[0]
+
+    def _decode(self, cache: CompactCache, x: torch.Tensor) -> torch.Tensor:
+        """Run the layers over new rows `x` ([count, hidden]) on top of `cache`."""
+        count, start = x.shape[0], cache.length
         end = start + count
         cache.reserve(end)
-        x = self.embed[torch.tensor(token_ids, device=self.device)]  # [count, hidden]
         cos, sin = self._rotary(start, count)
         mask = None
         if count > 1:  # each new token sees the cache and the new tokens up to itself
@@ -283,4 +291,38 @@ class CompactDraftForward:
             gate, up = layer.gate_up(self._norm(x, layer.post_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = end
-        return self.head(self._norm(x[-1:], self.final_norm))[0]
+        return x
+
+
+class FeatureDraftForward(CompactDraftForward):
+    """A feature draft (`feature_draft.py`) on the target's embeddings and head: `step` takes
+    the tokens with the features beside them and returns the last position's logits and its
+    predicted feature, which stands in for the target's at the next drafted position."""
+
+    def __init__(self, draft: FeatureDraft, target: PreTrainedModel,
+                 head_ids: torch.Tensor | None = None, int8: bool = False):
+        self._shapes(draft.config, target.dtype, target.device)
+        self.embed = target.get_input_embeddings().weight.detach()
+        self.final_norm = None  # the draft's output is read by the head as it is
+        self.head = _head(target, head_ids, int8)
+        self.fc = _Linear(draft.fc.weight.detach().to(target.dtype), None, int8)
+        self.layers = [self._layer(draft.layer.to(target.dtype), int8)]
+
+    def logits(self, cache: CompactCache, token_ids: list[int]) -> torch.Tensor:
+        raise TypeError("a feature draft needs the target's features: use step()")
+
+    @torch.inference_mode()
+    def step(self, cache: CompactCache, token_ids: list[int],
+             features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features[j]` is the target's (or the draft's own) feature at the position before
+        `token_ids[j]`."""
+        embedded = self.embed[torch.tensor(token_ids, device=self.device)]
+        x = self._decode(cache, self.fc(torch.cat([embedded, features.to(self.dtype)], dim=-1)))
+        return self.head(x[-1:])[0], x[-1]
+
+
+def _head(model: PreTrainedModel, head_ids: torch.Tensor | None, int8: bool) -> _Linear:
+    head = model.get_output_embeddings().weight.detach()
+    if head_ids is not None:
+        head = head.index_select(0, head_ids).contiguous()
+    return _Linear(head, None, int8)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from afa_serve.engine.feature_draft import FeatureDraft, is_feature_draft
 from afa_serve.models.resolve import resolve_model
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -40,6 +42,23 @@ def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
 def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype)
     return model.to(device).eval()
+
+
+def load_draft(name_or_path: str, dtype: torch.dtype,
+               device: torch.device) -> PreTrainedModel | FeatureDraft:
+    """A causal LM, or a feature draft (`feature_draft.py`) when the folder holds one."""
+    folder = Path(resolve_model(name_or_path))
+    if is_feature_draft(folder):
+        return FeatureDraft.load(folder, dtype, device)
+    return load_model(name_or_path, dtype, device)
+
+
+def load_draft_tokenizer(name_or_path: str,
+                         target_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The draft's own tokenizer; a feature draft reads the target's tokens and has none."""
+    if is_feature_draft(Path(resolve_model(name_or_path))):
+        return target_tokenizer
+    return load_tokenizer(name_or_path)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -87,10 +106,19 @@ def vocabulary_difference(
 def check_draft_compatible(
     target: PreTrainedModel,
     target_tokenizer: PreTrainedTokenizerBase,
-    draft: PreTrainedModel,
+    draft: PreTrainedModel | FeatureDraft,
     draft_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    """Refuse a draft whose tokens do not mean what the target's do, saying what differs."""
+    """Refuse a draft whose tokens do not mean what the target's do, saying what differs (a
+    feature draft: one whose layer does not fit the target's hidden states)."""
+    if isinstance(draft, FeatureDraft):
+        if (draft.config.hidden_size, draft.config.vocab_size) != (
+                target.config.hidden_size, target.get_output_embeddings().weight.shape[0]):
+            raise IncompatibleDraftError(
+                "the feature draft was made for another target: hidden size and vocabulary "
+                f"{draft.config.hidden_size}, {draft.config.vocab_size} against the target's "
+                f"{target.config.hidden_size}, {target.get_output_embeddings().weight.shape[0]}")
+        return
     problems = [difference] if (difference := vocabulary_difference(
         target_tokenizer, draft_tokenizer)) else []
     target_logits = target.get_output_embeddings().weight.shape[0]
@@ -110,7 +138,7 @@ class TargetAndDraft:
     """A target and a draft checked to pair, on one device in one dtype."""
 
     target: PreTrainedModel
-    draft: PreTrainedModel
+    draft: PreTrainedModel | FeatureDraft
     tokenizer: PreTrainedTokenizerBase  # the target's (the draft's means the same)
     eos: frozenset[int]
     dtype: torch.dtype
@@ -126,8 +154,9 @@ def load_target_and_draft(
     torch_dtype = resolve_dtype(dtype, torch_device)
     tokenizer = load_tokenizer(target)
     target_model = load_model(target, torch_dtype, torch_device)
-    draft_model = load_model(draft, torch_dtype, torch_device)
-    check_draft_compatible(target_model, tokenizer, draft_model, load_tokenizer(draft))
+    draft_model = load_draft(draft, torch_dtype, torch_device)
+    check_draft_compatible(target_model, tokenizer, draft_model,
+                           load_draft_tokenizer(draft, tokenizer))
     return TargetAndDraft(target_model, draft_model, tokenizer,
                           eos_token_ids(target_model, tokenizer), torch_dtype, torch_device)
 

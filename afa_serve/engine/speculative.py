@@ -21,6 +21,10 @@ Three things make a step cheaper than a fixed-k one, none of which can change th
   draft's distribution is zero there, so rejection sampling stays exact;
 - the draft runs through `draft_forward.py`: outside transformers' module stack where it covers
   the model, with int8 weights when asked (`draft_weights`).
+A feature draft (`feature_draft.py`, EAGLE-1) reads the target's last hidden state: the
+target's passes keep theirs for the positions the verify accepts, the draft consumes them when
+it next catches up, and its cache is cut back to the positions whose features came from the
+target (its own predictions stand in only while drafting).
 The draft is lazy: it catches up on the tokens it has not seen only when a step drafts, so
 plain steps cost the target's forward alone.
 """
@@ -40,9 +44,11 @@ from afa_serve.engine.draft_forward import (
     DraftCache,
     DraftWeights,
     DraftWeightsSetting,
+    FeatureDraftForward,
     draft_forward,
     resolve_draft_weights,
 )
+from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.engine.logprobs import token_logprobs
 from afa_serve.engine.penalties import adjust
 from afa_serve.engine.policy import RequestSpeculation, SpeculationMode, SpeculationPolicy
@@ -77,6 +83,8 @@ class SequenceState:
     speculation: RequestSpeculation = field(default_factory=RequestSpeculation)
     num_logprobs: int | None = None  # likeliest tokens to report with each token's logprob
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token's is None
+    # a feature draft's input: the target's features at the positions after the draft's cache
+    draft_features: torch.Tensor | None = None
 
     @property
     def num_generated(self) -> int:
@@ -115,7 +123,7 @@ class SpeculativeDecoder:
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: PreTrainedModel | None = None,
+        draft: PreTrainedModel | FeatureDraft | None = None,
         num_speculative_tokens: int = 0,
         *,
         speculation: SpeculationMode = "fixed",
@@ -136,13 +144,19 @@ class SpeculativeDecoder:
         self.policy = SpeculationPolicy(speculation, self.num_speculative_tokens)
         self.confidence_threshold = confidence_threshold
         self._vocab_size = target.get_output_embeddings().weight.shape[0]
+        self._hidden_size = target.config.hidden_size
         self._draft_ids: torch.Tensor | None = None
         if draft is not None and draft_vocab is not None:
             self._draft_ids = torch.tensor(list(draft_vocab), dtype=torch.long,
-                                           device=draft.device)
+                                           device=target.device)
         self.draft_weights: DraftWeights | None = None
         self._draft_forward = None
-        if draft is not None:
+        self._features = isinstance(draft, FeatureDraft)  # the draft reads the target's
+        if self._features:
+            self.draft_weights = resolve_draft_weights(draft_weights, target)
+            self._draft_forward = FeatureDraftForward(draft, target, self._draft_ids,
+                                                      int8=self.draft_weights == "int8")
+        elif draft is not None:
             self.draft_weights = resolve_draft_weights(draft_weights, draft)
             self._draft_forward = draft_forward(draft, self._draft_ids, self.draft_weights)
 
@@ -180,16 +194,19 @@ class SpeculativeDecoder:
             draft_cache=self._draft_forward.new_cache() if self._draft_forward else None,
             num_logprobs=num_logprobs,
         )
+        if self._features:
+            state.draft_features = self._empty_features()
         if num_prompt_logprobs is None:
             if len(prompt_ids) > 1:
-                _forward(self.target, state.target_cache, prompt_ids[:-1], logits_to_keep=1)
+                self._keep_features(state, self._target_pass(state, prompt_ids[:-1], 1)[1])
             return state
         # scored: every row's logits, a chunk at a time ([chunk, V], not [prompt, V], at once)
         state.prompt_logprobs = [None]
         for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROBS_CHUNK):
             end = min(start + PROMPT_LOGPROBS_CHUNK, len(prompt_ids) - 1)
-            logits = _forward(self.target, state.target_cache, prompt_ids[start:end],
-                              logits_to_keep=0)  # 0: every row
+            logits, features = self._target_pass(state, prompt_ids[start:end],
+                                                 logits_to_keep=0)  # 0: every row
+            self._keep_features(state, features)
             state.prompt_logprobs += token_logprobs(logits, prompt_ids[start + 1 : end + 1],
                                                     num_prompt_logprobs)
             del logits  # not held while the next chunk's are computed
@@ -204,10 +221,8 @@ class SpeculativeDecoder:
         proposed = time.perf_counter()
 
         known = len(state.token_ids)
-        target_logits = _forward(
-            self.target, state.target_cache, [state.token_ids[-1], *drafted],
-            logits_to_keep=len(drafted) + 1,
-        )
+        target_logits, features = self._target_pass(state, [state.token_ids[-1], *drafted],
+                                                    logits_to_keep=len(drafted) + 1)
         adjusted = adjust(target_logits, state.settings.adjustments, state.token_ids + drafted,
                           state.num_prompt_tokens)
         result = verify(drafted, draft_probs, adjusted, state.settings, state.generator)
@@ -221,7 +236,10 @@ class SpeculativeDecoder:
         state.token_ids.extend(new_tokens)
         state.spec.add_step(len(drafted), result.num_accepted)
         _truncate(state.target_cache, known + result.num_accepted)
-        if state.draft_cache is not None:
+        if features is not None:  # those of the pending token and the accepted drafted ones
+            self._keep_features(state, features[: result.num_accepted + 1])
+            _truncate(state.draft_cache, known - 1)
+        elif state.draft_cache is not None:
             _truncate(state.draft_cache, known + result.num_accepted)
         return StepResult(new_tokens, len(drafted), result.num_accepted, logprobs)
 
@@ -243,6 +261,27 @@ class SpeculativeDecoder:
         drafted, draft_probs = self._propose(state, k)
         return k, drafted, draft_probs, False
 
+    def _target_pass(self, state: SequenceState, token_ids: list[int],
+                     logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target's forward on top of its cache: the last `logits_to_keep` rows of logits
+        (0: all), and for a feature draft every row's feature (the last hidden state)."""
+        if not self._features:
+            return _forward(self.target, state.target_cache, token_ids, logits_to_keep), None
+        hidden = self.target.get_decoder()(
+            input_ids=torch.tensor([token_ids], device=self.target.device),
+            past_key_values=state.target_cache, use_cache=True,
+        ).last_hidden_state[0]
+        return self.target.get_output_embeddings()(hidden[-logits_to_keep:]), hidden
+
+    @staticmethod
+    def _keep_features(state: SequenceState, features: torch.Tensor | None) -> None:
+        if features is not None:
+            state.draft_features = torch.cat([state.draft_features, features])
+
+    def _empty_features(self) -> torch.Tensor:
+        return torch.empty(0, self._hidden_size, dtype=self.target.dtype,
+                           device=self.target.device)
+
     def _point_masses(self, tokens: list[int], settings: SamplingSettings) -> torch.Tensor | None:
         """The distributions a deterministic proposer drew `tokens` from (sampling only)."""
         if settings.greedy:
@@ -259,13 +298,21 @@ class SpeculativeDecoder:
             return [], None
         assert state.draft_cache is not None and self._draft_forward is not None
         settings = state.settings
-        pending = state.token_ids[state.draft_cache.get_seq_length() :]
+        # a feature draft's position i pairs feature i with token i + 1
+        pending = state.token_ids[state.draft_cache.get_seq_length() + self._features :]
+        features = state.draft_features
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
+            if not pending:  # a one-token prompt: no feature to draft from yet
+                break
             started = time.perf_counter()
-            logits = self._adjusted(self._draft_forward.logits(state.draft_cache, pending), state,
-                                    drafted)
+            if self._features:
+                raw, own_feature = self._draft_forward.step(state.draft_cache, pending, features)
+                features, state.draft_features = own_feature[None], self._empty_features()
+            else:
+                raw = self._draft_forward.logits(state.draft_cache, pending)
+            logits = self._adjusted(raw, state, drafted)
             if settings.greedy:
                 index = int(logits.argmax().item())
                 token_probs = None
@@ -342,9 +389,16 @@ class SpeculativeDecoder:
         ]
         if self._draft_forward is not None:
             forward = self._draft_forward
+
+            def draft_logits(cache, tokens: list[int]) -> torch.Tensor:
+                if not self._features:
+                    return forward.logits(cache, tokens)
+                features = self._empty_features().new_zeros(len(tokens), self._hidden_size)
+                return forward.step(cache, tokens, features)[0]
+
             self.policy.costs.draft_forward_s = median_seconds(
-                forward.new_cache, lambda cache: forward.logits(cache, context),
-                lambda cache: int(forward.logits(cache, extra[:1]).argmax().item()))
+                forward.new_cache, lambda cache: draft_logits(cache, context),
+                lambda cache: int(draft_logits(cache, extra[:1]).argmax().item()))
 
     def generate(
         self,

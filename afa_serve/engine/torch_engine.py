@@ -38,9 +38,12 @@ from afa_serve.engine.base import (
 )
 from afa_serve.engine.config import EngineConfig
 from afa_serve.engine.draft_vocab import DraftVocab, read_draft_vocab
+from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.engine.loading import (
     check_draft_compatible,
     eos_token_ids,
+    load_draft,
+    load_draft_tokenizer,
     load_model,
     load_tokenizer,
     max_context_length,
@@ -188,8 +191,8 @@ class TorchEngine:
         draft = draft_tokenizer = draft_vocab = None
         if self.config.draft is not None and self.config.num_speculative_tokens > 0:
             logger.info("loading draft %s", self.config.draft)
-            draft = load_model(self.config.draft, dtype, device)
-            draft_tokenizer = load_tokenizer(self.config.draft)
+            draft = load_draft(self.config.draft, dtype, device)
+            draft_tokenizer = load_draft_tokenizer(self.config.draft, tokenizer)
             draft_vocab = read_draft_vocab(resolve_model(self.config.draft))
         self._adopt(target, tokenizer, draft, draft_tokenizer, draft_vocab)
 
@@ -197,7 +200,7 @@ class TorchEngine:
         self,
         target: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        draft: PreTrainedModel | None,
+        draft: PreTrainedModel | FeatureDraft | None,
         draft_tokenizer: PreTrainedTokenizerBase | None,
         draft_vocab: DraftVocab | None = None,
     ) -> None:

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig
@@ -52,8 +53,10 @@ from afa_serve.engine.base import (
     public_model_name,
 )
 from afa_serve.engine.config import CPU_MEMORY_UTILIZATION, EngineConfig
+from afa_serve.engine.feature_draft import is_feature_draft
 from afa_serve.engine.loading import (
     IncompatibleDraftError,
+    load_draft_tokenizer,
     load_tokenizer,
     resolve_dtype_name,
     vocabulary_difference,
@@ -326,7 +329,7 @@ class VllmEngine:
         if config.speculative:
             assert config.draft is not None
             check_draft_pairing(
-                config, tokenizer, load_tokenizer(config.draft),
+                config, tokenizer, load_draft_tokenizer(config.draft, tokenizer),
                 AutoConfig.from_pretrained(resolve_model(config.target)),
                 AutoConfig.from_pretrained(resolve_model(config.draft)),
             )
@@ -373,7 +376,9 @@ class VllmEngine:
             return None
         speculative: dict[str, Any] = {"num_speculative_tokens": config.num_speculative_tokens}
         if config.speculative:
-            speculative.update(method="draft_model", model=resolve_model(config.draft))
+            draft = resolve_model(config.draft)  # a feature draft is vLLM's EAGLE-1
+            method = "eagle" if is_feature_draft(Path(draft)) else "draft_model"
+            speculative.update(method=method, model=draft)
             if config.draft_tensor_parallel_size is not None:
                 speculative["draft_tensor_parallel_size"] = config.draft_tensor_parallel_size
         elif config.prompt_lookup is not None:

@@ -1,0 +1,108 @@
+"""The feature draft (EAGLE-1 format): the serving forward equals the training module, the
+folder round-trips, and speculative decoding with it stays lossless."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from afa_serve.engine.draft_forward import FeatureDraftForward
+from afa_serve.engine.feature_draft import ARCHITECTURE, FeatureDraft, is_feature_draft
+from afa_serve.engine.speculative import SpeculativeDecoder
+from afa_serve.engine.verify import SamplingSettings
+from tests.conftest import tiny_llama
+
+GREEDY = SamplingSettings(temperature=0.0)
+
+
+def trained_looking(target, seed: int = 1) -> FeatureDraft:
+    """A feature draft whose weights are all non-trivial (fc, norms included)."""
+    draft = FeatureDraft.from_target(target)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return draft.eval()
+
+
+def module_features(draft: FeatureDraft, features, embeddings) -> torch.Tensor:
+    """The training module over a whole sequence (causal mask, positions from 0)."""
+    count = features.shape[0]
+    positions = torch.arange(count)[None]
+    rotary = LlamaRotaryEmbedding(draft.config)
+    mask = torch.full((count, count), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        return draft(features[None], embeddings[None],
+                     rotary(features[None], positions), mask)[0]
+
+
+@pytest.mark.parametrize("head_ids", [None, [0, 3, 5, 11, 27]], ids=["full-head", "trimmed"])
+def test_serving_steps_equal_the_training_module_over_the_sequence(head_ids):
+    target = tiny_llama(layers=2, seed=0)
+    draft = trained_looking(target)
+    head = None if head_ids is None else torch.tensor(head_ids)
+    forward = FeatureDraftForward(draft, target, head)
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(27, (30,), generator=generator).tolist()
+    features = torch.randn(30, 32, generator=generator)
+    expected = module_features(draft, features, target.get_input_embeddings().weight[tokens])
+    weight = target.get_output_embeddings().weight
+    if head is not None:
+        weight = weight[head]
+    cache = forward.new_cache()
+    logits, own = forward.step(cache, tokens[:20], features[:20])  # a catch-up
+    torch.testing.assert_close(own, expected[19], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, expected[19] @ weight.T, rtol=1e-5, atol=1e-5)
+    for index in range(20, 30):  # one row at a time, as drafting does
+        logits, own = forward.step(cache, [tokens[index]], features[index][None])
+        torch.testing.assert_close(own, expected[index], rtol=1e-5, atol=1e-5)
+    cache.crop(-4)  # a rejected draft
+    _, own = forward.step(cache, tokens[26:28], features[26:28])
+    torch.testing.assert_close(own, expected[27], rtol=1e-5, atol=1e-5)
+
+
+def test_the_folder_is_vllms_eagle_format_and_round_trips(tmp_path):
+    target = tiny_llama(layers=2, seed=0)
+    draft = trained_looking(target)
+    draft.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURE] and config["num_hidden_layers"] == 1
+    assert is_feature_draft(tmp_path) and not is_feature_draft(tmp_path / "missing")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        names = set(handle.keys())
+    assert "fc.weight" in names and "layers.0.self_attn.q_proj.weight" in names
+    assert not any("input_layernorm" in name or "embed" in name for name in names)
+    loaded = FeatureDraft.load(tmp_path, torch.float32, torch.device("cpu"))
+    for (name, want), got in zip(draft.state_dict().items(), loaded.state_dict().values(),
+                                 strict=True):
+        assert torch.equal(want, got), name
+
+
+def test_feature_drafts_need_a_llama_target():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=28, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="Llama targets"):
+        FeatureDraft.from_target(gpt2)
+
+
+@pytest.mark.parametrize("weights", ["dtype", "int8"])
+@pytest.mark.parametrize("speculation", ["fixed", "adaptive"])
+def test_speculative_greedy_with_a_feature_draft_equals_plain(weights, speculation):
+    target = tiny_llama(layers=2, seed=0)
+    plain = SpeculativeDecoder(target)
+    decoder = SpeculativeDecoder(target, trained_looking(target), 4, speculation=speculation,
+                                 draft_weights=weights)
+    for prompt in ([3], [5, 9], list(range(20))):
+        state = decoder.generate(prompt, 40, GREEDY)
+        assert state.token_ids == plain.generate(prompt, 40, GREEDY).token_ids
+        # the draft's cache never runs ahead of the features the target gave it
+        assert (state.draft_cache.get_seq_length() + len(state.draft_features)
+                == len(state.token_ids) - 1)
+        if speculation == "fixed" and len(prompt) > 1:
+            assert state.spec.num_drafts > 0
