@@ -52,6 +52,7 @@ class FeatureDraft(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        config._attn_implementation = config._attn_implementation or "sdpa"  # a lone layer
         self.config = config
         hidden = config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)

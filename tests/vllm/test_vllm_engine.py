@@ -240,3 +240,17 @@ def test_tokenizer_and_seed_reach_vllm(real_model_path, draft_path):
     assert (args.model, args.tokenizer, args.seed) == (str(real_model_path), str(draft_path), 11)
     assert VllmEngine(EngineConfig(target=str(real_model_path)))._engine_args("cpu").tokenizer \
         == str(real_model_path)
+
+
+def test_a_feature_draft_runs_as_vllms_eagle(real_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from afa_serve.engine.feature_draft import FeatureDraft
+
+    target = AutoModelForCausalLM.from_pretrained(real_model_path)
+    FeatureDraft.from_target(target).save(tmp_path / "feature")
+    engine = VllmEngine(EngineConfig(target=str(real_model_path), draft=str(tmp_path / "feature"),
+                                     num_speculative_tokens=3))
+    speculative = engine._speculative_config()
+    assert (speculative["method"], speculative["model"]) == ("eagle", str(tmp_path / "feature"))
+    engine._check_models()  # the feature draft reads the target's tokens: it pairs
