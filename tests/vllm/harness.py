@@ -105,13 +105,15 @@ class OfflineReference:
     output: Path
 
     @classmethod
-    def start(cls, target: Path, prompts: list[list[int]], max_tokens: int,
-              folder: Path) -> OfflineReference:
+    def start(cls, target: Path, prompts: list[list[int]], max_tokens: int, folder: Path,
+              speculative_config: dict | None = None) -> OfflineReference:
+        """`speculative_config`: vLLM decodes with it (reference_generate.py)."""
         job = folder / "reference_job.json"
         output = folder / "reference_output.json"
         job.write_text(json.dumps({
             "target": str(target), "prompts": prompts, "max_tokens": max_tokens, "dtype": DTYPE,
             "max_model_len": MAX_MODEL_LEN, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+            "speculative_config": speculative_config,
         }))
         command = [sys.executable, "-m", "tests.vllm.reference_generate", str(job), str(output)]
         return cls(Subprocess.start(command, folder / "reference.log"), output)

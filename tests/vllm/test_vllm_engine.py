@@ -23,7 +23,7 @@ from afa_serve.engine.vllm_engine import (
 from tests.api_harness import wait_until
 from tests.conftest import tiny_tokenizer
 from tests.vllm.conftest import GREEDY_CHAT, GREEDY_COMPLETION, GREEDY_MAX_TOKENS
-from tests.vllm.harness import NAME, NUM_SPECULATIVE_TOKENS, vllm_counters
+from tests.vllm.harness import NAME, NUM_SPECULATIVE_TOKENS, OfflineReference, vllm_counters
 
 # vLLM 0.32 reports each request's own speculative figures; 0.24 (run on a lent GPU) has none.
 PER_REQUEST_SPEC = vllm_has_per_request_spec_metrics()
@@ -242,7 +242,8 @@ def test_tokenizer_and_seed_reach_vllm(real_model_path, draft_path):
         == str(real_model_path)
 
 
-def test_a_feature_draft_runs_as_vllms_eagle(real_model_path, tmp_path):
+def test_vllm_runs_a_feature_draft_as_eagle_and_decodes_what_the_target_alone_does(
+        real_model_path, greedy_prompts, reference_outputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from afa_serve.engine.feature_draft import FeatureDraft
@@ -254,3 +255,10 @@ def test_a_feature_draft_runs_as_vllms_eagle(real_model_path, tmp_path):
     speculative = engine._speculative_config()
     assert (speculative["method"], speculative["model"]) == ("eagle", str(tmp_path / "feature"))
     engine._check_models()  # the feature draft reads the target's tokens: it pairs
+    eagle = OfflineReference.start(real_model_path, list(greedy_prompts.values()),
+                                   GREEDY_MAX_TOKENS, tmp_path,
+                                   speculative_config={"method": "eagle",
+                                                       "model": str(tmp_path / "feature"),
+                                                       "num_speculative_tokens": 3})
+    for name, output in zip(greedy_prompts, eagle.result(), strict=True):
+        assert output["token_ids"] == reference_outputs[name]["token_ids"], name
