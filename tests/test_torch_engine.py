@@ -271,3 +271,26 @@ def test_a_served_model_name_is_kept_as_given_even_where_a_folder_has_that_name(
         tiny_llama(layers=1, seed=0), tiny_tokenizer(), None,
         EngineConfig(target=str(tmp_path / "org" / "llama")))
     assert folder_target.info.name == folder_target.info.target == "llama"  # never the path
+
+
+async def test_the_engine_loads_a_feature_draft_folder_and_serves_what_the_target_alone_does(
+        tmp_path):
+    from afa_serve.engine.feature_draft import FeatureDraft
+
+    target = tiny_llama(layers=2, seed=0)
+    target.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    FeatureDraft.from_target(target).save(tmp_path / "feature")  # no tokenizer: the target's
+    engine = TorchEngine(EngineConfig(target=str(tmp_path / "target"),
+                                      draft=str(tmp_path / "feature"), num_speculative_tokens=3,
+                                      speculation="fixed", prompt_lookup_max=0, dtype="float32"))
+    await engine.start()
+    try:
+        assert isinstance(engine._decoder.draft, FeatureDraft)
+        deltas = await collect(engine, "a", [1, 2, 3], max_tokens=20, temperature=0.0,
+                               ignore_eos=True)
+        expected = SpeculativeDecoder(engine._decoder.target).generate([1, 2, 3], 20, GREEDY)
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids[3:]
+        assert sum(d.spec.num_drafts for d in deltas) > 0
+    finally:
+        await engine.shutdown()
