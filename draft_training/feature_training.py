@@ -3,9 +3,12 @@
 `FeatureDraftLM` wraps the frozen target and the trainable draft so that fit sees a causal LM:
 row j's hidden state is the draft's prediction from (the target's feature at j − 1, token j),
 which stands for the target's feature at j, and the target's head reads it, so row j's logits
-predict token j + 1 as a plain draft's do. Cross-entropy, KL to the stored top-k, bucketing,
-held-out agreement, best checkpoints and resume all apply unchanged. The target's features of
-an example are computed once (under the run's autocast) and kept for later epochs.
+predict token j + 1 as a plain draft's do. Row 0 has no feature before it: no other row
+attends to it, as the serving draft's cache starts at row 1 (its first entry pairs feature 0
+with token 1); merge checks the engine's forward against this module. Cross-entropy, KL to the
+stored top-k, bucketing, held-out agreement, best checkpoints and resume all apply unchanged.
+The target's features of an example are computed once, in the dtype the run's autocast gives
+them, and kept for later epochs.
 
 Teacher-forced agreement feeds the target's own features at every row: it is the agreement of
 the first drafted token. Later drafted tokens read the draft's own predictions, so the τ the
@@ -48,20 +51,24 @@ class FeatureDraftLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 use_cache: bool = False) -> SimpleNamespace:
         """Right-padded rows (as `examples.collate` makes them)."""
-        features = self._target_features(input_ids, attention_mask)
+        features = self.target_features(input_ids, attention_mask)
         previous = torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], dim=1)
         embeddings = self.target.get_input_embeddings()(input_ids)
         length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)[None]
         causal = torch.full((length, length), torch.finfo(torch.float32).min,
-                            device=input_ids.device).triu(1)[None, None]
+                            device=input_ids.device).triu(1)
+        causal[1:, 0] = torch.finfo(torch.float32).min  # row 0 is not in serving's cache
+        causal = causal[None, None]
         hidden = self.draft(previous.to(embeddings.dtype), embeddings,
                             self.rotary(embeddings, positions), causal)
         return SimpleNamespace(last_hidden_state=hidden)
 
     @torch.no_grad()
-    def _target_features(self, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
+    def target_features(self, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+        """The target's last hidden state at every position of right-padded rows (zeros at
+        padding), from the cache where an example was seen before."""
         lengths = attention_mask.sum(dim=1).tolist()
         keys = [input_ids[row, :length].cpu().numpy().tobytes()
                 for row, length in enumerate(lengths)]
@@ -70,7 +77,7 @@ class FeatureDraftLM(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
             for row, (key, length) in enumerate(zip(keys, lengths, strict=True)):
-                self._features[key] = hidden[row, :length].to(torch.bfloat16)
+                self._features[key] = hidden[row, :length]
         out = torch.zeros(*input_ids.shape, self.target.config.hidden_size,
                           device=input_ids.device)
         for row, (key, length) in enumerate(zip(keys, lengths, strict=True)):

@@ -93,6 +93,9 @@ class InitDraftConfig(BaseModel):
             data.pop("layers", None)
         if self.kind == "truncated":  # likewise from before `kind`
             data.pop("kind", None)
+        else:  # a feature draft has no layer settings: they must not retrain it
+            data.pop("num_layers", None)
+            data.pop("layers", None)
         return data
 
 

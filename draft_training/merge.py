@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from afa_serve.atomic import atomic_directory, recover_jsonl
+from afa_serve.engine.draft_forward import FeatureDraftForward
 from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
 from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.models.resolve import resolve_model
@@ -79,8 +80,9 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
 
 def _save_feature_draft(config: FitConfig, model: FeatureDraftLM, step: int, out: Path,
                         overwrite: bool) -> MergeReport:
-    """A feature draft has no adapter to fold: its folder (vLLM's EAGLE format) is written and
-    read back, and the logits through it compared with the trained module's."""
+    """A feature draft has no adapter to fold: its folder (vLLM's EAGLE format) is written,
+    read back into the engine's own forward, and that forward's logits, one drafted position
+    at a time as the decoder runs it, compared with the trained module's on samples."""
     samples = collate(
         load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
     )
@@ -88,16 +90,26 @@ def _save_feature_draft(config: FitConfig, model: FeatureDraftLM, step: int, out
         model.draft.save(folder)
         write_draft_vocab(folder, count_tokens(
             record["response_token_ids"] for record in recover_jsonl(config.data)))
-        reloaded = FeatureDraftLM(model.target, FeatureDraft.load(
-            folder, torch.float32, torch.device("cpu")))
-        difference = max(
-            (_logits(reloaded, samples) - _logits(model, samples))[
-                samples.attention_mask.bool()].abs().max().item(), 0.0)
+        served = FeatureDraftForward(
+            FeatureDraft.load(folder, torch.float32, torch.device("cpu")), model.target)
+        difference = _served_difference(model, served, samples)
     return MergeReport(out, config.method, step, difference)
 
 
 @torch.no_grad()
-def _logits(model: FeatureDraftLM, samples: Batch) -> torch.Tensor:
+def _served_difference(model: FeatureDraftLM, served: FeatureDraftForward,
+                       samples: Batch) -> float:
+    """Max |logit difference| between the training module's rows 1.. and the engine's steps."""
     hidden = model(input_ids=samples.input_ids,
                    attention_mask=samples.attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden)
+    trained = model.get_output_embeddings()(hidden)
+    features = model.target_features(samples.input_ids, samples.attention_mask)
+    difference = 0.0
+    for row, length in enumerate(samples.attention_mask.sum(dim=1).tolist()):
+        cache = served.new_cache()
+        for position in range(1, length):
+            logits, _ = served.step(cache, [int(samples.input_ids[row, position])],
+                                    features[row, position - 1][None])
+            difference = max(difference,
+                             (logits - trained[row, position]).abs().max().item())
+    return difference

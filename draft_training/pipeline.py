@@ -292,7 +292,7 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
         overwrite=True,
     )
     draft_step = work.step(
-        "init-draft",
+        "init-draft" if config.draft_kind == "truncated" else "init-draft-feature",
         init_config.model_dump(mode="json"),
         init_config.out,
         lambda stale: init_draft(init_config),

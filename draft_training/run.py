@@ -185,6 +185,9 @@ def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
         if config.adapter is not None:
             raise ValueError("a feature draft (5 M parameters) trains in full: --method full")
         return build_feature_draft_lm(config.draft, config.target)
+    if config.target is not None:
+        raise ValueError(f"{config.draft} is not a feature draft: it reads no target (drop "
+                         f"--target)")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft), dtype=torch.float32)
     if config.adapter is None:
         model.requires_grad_(True)

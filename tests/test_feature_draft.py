@@ -102,7 +102,40 @@ def test_speculative_greedy_with_a_feature_draft_equals_plain(weights, speculati
         state = decoder.generate(prompt, 40, GREEDY)
         assert state.token_ids == plain.generate(prompt, 40, GREEDY).token_ids
         # the draft's cache never runs ahead of the features the target gave it
-        assert (state.draft_cache.get_seq_length() + len(state.draft_features)
-                == len(state.token_ids) - 1)
+        pending = sum(len(chunk) for chunk in state.draft_features)
+        assert state.draft_cache.get_seq_length() + pending == len(state.token_ids) - 1
         if speculation == "fixed" and len(prompt) > 1:
             assert state.spec.num_drafts > 0
+
+
+@pytest.mark.parametrize("threshold,vocab", [(0.0, None), (0.3, [0, 2, 3])])
+def test_sampling_with_a_feature_draft_follows_the_target(threshold, vocab):
+    from tests.test_verify import (
+        LENGTH,
+        PROMPT,
+        RUNS,
+        TARGET_SEED,
+        _chi_square_p_value,
+        _joint_distribution,
+        _sample_counts,
+    )
+
+    settings = SamplingSettings(temperature=1.0)
+    target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
+    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
+    decoder = SpeculativeDecoder(target, trained_looking(target), 2,
+                                 confidence_threshold=threshold, draft_vocab=vocab)
+    counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
+    assert _chi_square_p_value(counts, exact) > 1e-3
+
+
+def test_a_feature_draft_made_for_another_target_is_refused():
+    from afa_serve.engine.loading import IncompatibleDraftError, check_draft_compatible
+    from tests.conftest import tiny_tokenizer
+
+    other_target = tiny_llama(layers=2, seed=0)
+    other_target.config.num_key_value_heads = 4  # the shapes the draft's config records
+    other = FeatureDraft(other_target.config.__class__.from_dict(
+        {**other_target.config.to_dict(), "num_hidden_layers": 1}))
+    with pytest.raises(IncompatibleDraftError, match="num_key_value_heads"):
+        check_draft_compatible(tiny_llama(layers=2), tiny_tokenizer(), other, tiny_tokenizer())

@@ -363,6 +363,10 @@ def test_a_feature_draft_trains_beside_its_target_merges_and_serves(
     assert is_feature_draft(init)
     with pytest.raises(ValueError, match="needs --target"):
         fit(fit_config(init, data_file, tmp_path / "no-target", adapter=None))
+    truncated = init_draft(InitDraftConfig(target=str(target_dir), out=tmp_path / "truncated"))
+    with pytest.raises(ValueError, match="not a feature draft"):
+        fit(fit_config(truncated, data_file, tmp_path / "stray-target", adapter=None,
+                       target=str(target_dir)))
     run = fit_config(init, data_file, tmp_path / "run", adapter=None, target=str(target_dir),
                      max_steps=6)
     result = fit(run)

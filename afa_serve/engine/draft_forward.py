@@ -301,6 +301,9 @@ class FeatureDraftForward(CompactDraftForward):
 
     def __init__(self, draft: FeatureDraft, target: PreTrainedModel,
                  head_ids: torch.Tensor | None = None, int8: bool = False):
+        reason = unsupported_reason(target)  # the draft's layer has the target's rotary
+        if reason is not None:
+            raise ValueError(f"feature drafts do not cover {reason}")
         self._shapes(draft.config, target.dtype, target.device)
         self.embed = target.get_input_embeddings().weight.detach()
         self.final_norm = None  # the draft's output is read by the head as it is

@@ -40,6 +40,10 @@ def feature_draft_config(target_config: PretrainedConfig) -> LlamaConfig:
     if target_config.model_type != "llama":
         raise ValueError(f"feature drafts cover Llama targets (vLLM's EAGLE-1 layer), not "
                          f"{target_config.model_type!r}")
+    rope = getattr(target_config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"feature drafts cover the default rotary embedding, not "
+                         f"{rope.get('rope_type')!r}")
     config = LlamaConfig.from_dict({**target_config.to_dict(), "num_hidden_layers": 1,
                                     "architectures": [ARCHITECTURE]})
     config.layer_types = None

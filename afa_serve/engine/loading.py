@@ -112,12 +112,13 @@ def check_draft_compatible(
     """Refuse a draft whose tokens do not mean what the target's do, saying what differs (a
     feature draft: one whose layer does not fit the target's hidden states)."""
     if isinstance(draft, FeatureDraft):
-        if (draft.config.hidden_size, draft.config.vocab_size) != (
-                target.config.hidden_size, target.get_output_embeddings().weight.shape[0]):
+        names = ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        theirs = tuple(getattr(draft.config, name) for name in names)
+        ours = tuple(getattr(target.config, name) for name in names)
+        if target.config.model_type != "llama" or theirs != ours:
             raise IncompatibleDraftError(
-                "the feature draft was made for another target: hidden size and vocabulary "
-                f"{draft.config.hidden_size}, {draft.config.vocab_size} against the target's "
-                f"{target.config.hidden_size}, {target.get_output_embeddings().weight.shape[0]}")
+                f"the feature draft was made for another target: its {', '.join(names)} are "
+                f"{theirs}, the target's ({target.config.model_type}) {ours}")
         return
     problems = [difference] if (difference := vocabulary_difference(
         target_tokenizer, draft_tokenizer)) else []

@@ -83,8 +83,9 @@ class SequenceState:
     speculation: RequestSpeculation = field(default_factory=RequestSpeculation)
     num_logprobs: int | None = None  # likeliest tokens to report with each token's logprob
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token's is None
-    # a feature draft's input: the target's features at the positions after the draft's cache
-    draft_features: torch.Tensor | None = None
+    # a feature draft's input: the target's features at the positions after the draft's cache,
+    # in the chunks its passes gave them (joined once, when the draft next runs)
+    draft_features: list[torch.Tensor] | None = None
 
     @property
     def num_generated(self) -> int:
@@ -195,7 +196,7 @@ class SpeculativeDecoder:
             num_logprobs=num_logprobs,
         )
         if self._features:
-            state.draft_features = self._empty_features()
+            state.draft_features = []
         if num_prompt_logprobs is None:
             if len(prompt_ids) > 1:
                 self._keep_features(state, self._target_pass(state, prompt_ids[:-1], 1)[1])
@@ -276,11 +277,7 @@ class SpeculativeDecoder:
     @staticmethod
     def _keep_features(state: SequenceState, features: torch.Tensor | None) -> None:
         if features is not None:
-            state.draft_features = torch.cat([state.draft_features, features])
-
-    def _empty_features(self) -> torch.Tensor:
-        return torch.empty(0, self._hidden_size, dtype=self.target.dtype,
-                           device=self.target.device)
+            state.draft_features.append(features)
 
     def _point_masses(self, tokens: list[int], settings: SamplingSettings) -> torch.Tensor | None:
         """The distributions a deterministic proposer drew `tokens` from (sampling only)."""
@@ -300,16 +297,16 @@ class SpeculativeDecoder:
         settings = state.settings
         # a feature draft's position i pairs feature i with token i + 1
         pending = state.token_ids[state.draft_cache.get_seq_length() + self._features :]
-        features = state.draft_features
+        if not pending:  # a one-token prompt: no feature to draft from yet
+            return [], None
+        features = torch.cat(state.draft_features) if self._features else None
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
-            if not pending:  # a one-token prompt: no feature to draft from yet
-                break
             started = time.perf_counter()
             if self._features:
                 raw, own_feature = self._draft_forward.step(state.draft_cache, pending, features)
-                features, state.draft_features = own_feature[None], self._empty_features()
+                features, state.draft_features = own_feature[None], []
             else:
                 raw = self._draft_forward.logits(state.draft_cache, pending)
             logits = self._adjusted(raw, state, drafted)
@@ -393,7 +390,8 @@ class SpeculativeDecoder:
             def draft_logits(cache, tokens: list[int]) -> torch.Tensor:
                 if not self._features:
                     return forward.logits(cache, tokens)
-                features = self._empty_features().new_zeros(len(tokens), self._hidden_size)
+                features = torch.zeros(len(tokens), self._hidden_size,
+                                       dtype=self.target.dtype, device=self.target.device)
                 return forward.step(cache, tokens, features)[0]
 
             self.policy.costs.draft_forward_s = median_seconds(
