@@ -16,6 +16,8 @@ from afa_serve.engine.verify import SamplingSettings
 from tests.conftest import tiny_llama
 
 GREEDY = SamplingSettings(temperature=0.0)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def trained_looking(target, seed: int = 1) -> FeatureDraft:
@@ -31,37 +33,40 @@ def trained_looking(target, seed: int = 1) -> FeatureDraft:
 def module_features(draft: FeatureDraft, features, embeddings) -> torch.Tensor:
     """The training module over a whole sequence (causal mask, positions from 0)."""
     count = features.shape[0]
-    positions = torch.arange(count)[None]
-    rotary = LlamaRotaryEmbedding(draft.config)
-    mask = torch.full((count, count), float("-inf")).triu(1)[None, None]
+    positions = torch.arange(count, device=features.device)[None]
+    rotary = LlamaRotaryEmbedding(draft.config).to(features.device)
+    mask = torch.full((count, count), float("-inf"), device=features.device).triu(1)[None, None]
     with torch.no_grad():
         return draft(features[None], embeddings[None],
                      rotary(features[None], positions), mask)[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_ids", [None, [0, 3, 5, 11, 27]], ids=["full-head", "trimmed"])
-def test_serving_steps_equal_the_training_module_over_the_sequence(head_ids):
-    target = tiny_llama(layers=2, seed=0)
-    draft = trained_looking(target)
-    head = None if head_ids is None else torch.tensor(head_ids)
+def test_serving_steps_equal_the_training_module_over_the_sequence(head_ids, device):
+    target = tiny_llama(layers=2, seed=0).to(device)
+    draft = trained_looking(target).to(device)
+    head = None if head_ids is None else torch.tensor(head_ids, device=device)
     forward = FeatureDraftForward(draft, target, head)
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(27, (30,), generator=generator).tolist()
-    features = torch.randn(30, 32, generator=generator)
+    features = torch.randn(30, 32, generator=generator).to(device)
     expected = module_features(draft, features, target.get_input_embeddings().weight[tokens])
     weight = target.get_output_embeddings().weight
     if head is not None:
         weight = weight[head]
     cache = forward.new_cache()
     logits, own = forward.step(cache, tokens[:20], features[:20])  # a catch-up
-    torch.testing.assert_close(own, expected[19], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits, expected[19] @ weight.T, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if device == "cpu" else 1e-4  # CUDA's kernels round differently
+    close = {"rtol": tolerance, "atol": tolerance}
+    torch.testing.assert_close(own, expected[19], **close)
+    torch.testing.assert_close(logits, expected[19] @ weight.T, **close)
     for index in range(20, 30):  # one row at a time, as drafting does
         logits, own = forward.step(cache, [tokens[index]], features[index][None])
-        torch.testing.assert_close(own, expected[index], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(own, expected[index], **close)
     cache.crop(-4)  # a rejected draft
     _, own = forward.step(cache, tokens[26:28], features[26:28])
-    torch.testing.assert_close(own, expected[27], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(own, expected[27], **close)
 
 
 def test_the_folder_is_vllms_eagle_format_and_round_trips(tmp_path):
@@ -91,13 +96,14 @@ def test_feature_drafts_need_a_llama_target():
         FeatureDraft.from_target(gpt2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weights", ["dtype", "int8"])
 @pytest.mark.parametrize("speculation", ["fixed", "adaptive"])
-def test_speculative_greedy_with_a_feature_draft_equals_plain(weights, speculation):
-    target = tiny_llama(layers=2, seed=0)
+def test_speculative_greedy_with_a_feature_draft_equals_plain(weights, speculation, device):
+    target = tiny_llama(layers=2, seed=0).to(device)
     plain = SpeculativeDecoder(target)
-    decoder = SpeculativeDecoder(target, trained_looking(target), 4, speculation=speculation,
-                                 draft_weights=weights)
+    decoder = SpeculativeDecoder(target, trained_looking(target).to(device), 4,
+                                 speculation=speculation, draft_weights=weights)
     for prompt in ([3], [5, 9], list(range(20))):
         state = decoder.generate(prompt, 40, GREEDY)
         assert state.token_ids == plain.generate(prompt, 40, GREEDY).token_ids
