@@ -16,6 +16,11 @@ from transformers import (
 
 REAL_MODEL = "smollm2-135m-instruct"
 
+# Tests of device code run on CPU, and on CUDA only where a GPU is (one lent to a session:
+# bench/gpu/README.md); CI has none, so its CUDA cases are the only tests it skips.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
 # Tiny-model tests are dominated by per-op overhead: one thread avoids OpenMP spin-waits when
 # another process shares the two cores. Real-model tests raise it with `torch_threads`.
 torch.set_num_threads(1)

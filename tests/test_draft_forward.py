@@ -16,12 +16,9 @@ from afa_serve.engine.draft_forward import (
 )
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
-from tests.conftest import tiny_llama
+from tests.conftest import DEVICES, tiny_llama
 
 GREEDY = SamplingSettings(temperature=0.0)
-# CUDA runs only where a GPU is (a lent one: bench/gpu/README.md); CI has none
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:

@@ -13,11 +13,10 @@ from afa_serve.engine.draft_forward import FeatureDraftForward
 from afa_serve.engine.feature_draft import ARCHITECTURE, FeatureDraft, is_feature_draft
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
-from tests.conftest import tiny_llama
+from tests.conftest import DEVICES, tiny_llama
+from tests.test_verify import TARGET_SEED, sampling_p_value
 
 GREEDY = SamplingSettings(temperature=0.0)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def trained_looking(target, seed: int = 1) -> FeatureDraft:
@@ -116,23 +115,11 @@ def test_speculative_greedy_with_a_feature_draft_equals_plain(weights, speculati
 
 @pytest.mark.parametrize("threshold,vocab", [(0.0, None), (0.3, [0, 2, 3])])
 def test_sampling_with_a_feature_draft_follows_the_target(threshold, vocab):
-    from tests.test_verify import (
-        LENGTH,
-        PROMPT,
-        RUNS,
-        TARGET_SEED,
-        _chi_square_p_value,
-        _joint_distribution,
-        _sample_counts,
-    )
-
     settings = SamplingSettings(temperature=1.0)
     target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
-    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
     decoder = SpeculativeDecoder(target, trained_looking(target), 2,
                                  confidence_threshold=threshold, draft_vocab=vocab)
-    counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
-    assert _chi_square_p_value(counts, exact) > 1e-3
+    assert sampling_p_value(decoder, target, settings) > 1e-3
 
 
 def test_a_feature_draft_made_for_another_target_is_refused():

@@ -92,6 +92,14 @@ def _chi_square_p_value(counts, expected_probs):
 TARGET_SEED, DRAFT_SEED, PROMPT, LENGTH, RUNS = 1, 2, [0, 1, 2], 3, 2000
 
 
+def sampling_p_value(decoder, target, settings: SamplingSettings) -> float:
+    """Chi-square p-value of `decoder`'s LENGTH-token continuations of PROMPT (RUNS seeds)
+    against `target`'s exact joint law."""
+    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
+    counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
+    return _chi_square_p_value(counts, exact)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -105,10 +113,8 @@ def test_speculative_sampling_follows_the_target_distribution(settings):
     """Chi-square of 3-token continuations (5^3 outcomes) against the target's exact joint law."""
     target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
     draft = tiny_llama(vocab_size=5, layers=1, seed=DRAFT_SEED)  # unrelated: many rejections
-    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=2)
-    counts = _sample_counts(decoder, PROMPT, LENGTH, settings, outcomes, RUNS)
-    assert _chi_square_p_value(counts, exact) > 1e-3
+    assert sampling_p_value(decoder, target, settings) > 1e-3
 
 
 def test_chi_square_check_rejects_the_drafts_own_law():
@@ -116,9 +122,7 @@ def test_chi_square_check_rejects_the_drafts_own_law():
     settings = SamplingSettings(temperature=1.0)
     target = tiny_llama(vocab_size=5, layers=2, seed=TARGET_SEED)
     draft = tiny_llama(vocab_size=5, layers=1, seed=DRAFT_SEED)
-    outcomes, exact = _joint_distribution(target, PROMPT, LENGTH, settings)
-    counts = _sample_counts(SpeculativeDecoder(draft), PROMPT, LENGTH, settings, outcomes, RUNS)
-    assert _chi_square_p_value(counts, exact) < 1e-6
+    assert sampling_p_value(SpeculativeDecoder(draft), target, settings) < 1e-6
 
 
 def test_logits_that_overflow_give_the_softmaxs_limit_not_nan():
