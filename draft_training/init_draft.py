@@ -8,10 +8,11 @@ Which layers: the first N (`num_layers`, a truncated draft), or any sorted set o
 vLLM's format): one layer that reads the target's last hidden state, started from the target's
 last layer; the layer settings do not apply to it.
 
-Truncated drafts work for Llama/Qwen2-style HF causal LMs, whose decoder layers are `model.layers.{i}`: the
-draft's config is the target's with `num_hidden_layers = len(layers)` (and per-layer lists such
-as `layer_types` picked at those layers), the draft's layer i holds the weights of the target's
-layer `layers[i]`, and every other draft weight is the target weight of the same name.
+Truncated drafts work for Llama/Qwen2-style HF causal LMs, whose decoder layers are
+`model.layers.{i}`: the draft's config is the target's with `num_hidden_layers = len(layers)`
+(and per-layer lists such as `layer_types` picked at those layers), the draft's layer i holds
+the weights of the target's layer `layers[i]`, and every other draft weight is the target weight
+of the same name.
 """
 
 from __future__ import annotations

@@ -54,9 +54,7 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
             f"refusing to merge {run_dir}: its weights (step {weights.step}) were trained at "
             f"λ = {weights.lam:g} > 0, before the end of annealing; resume the run to its end"
         )
-    samples = collate(
-        load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
-    )
+    samples = _samples(config)
     with torch.no_grad():
         unmerged_logits = model(
             input_ids=samples.input_ids, attention_mask=samples.attention_mask
@@ -66,8 +64,7 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
     with atomic_directory(out, overwrite=overwrite) as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        write_draft_vocab(folder, count_tokens(
-            record["response_token_ids"] for record in recover_jsonl(config.data)))
+        _write_vocab(folder, config)
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             merged_logits = merged(
@@ -83,17 +80,26 @@ def _save_feature_draft(config: FitConfig, model: FeatureDraftLM, step: int, out
     """A feature draft has no adapter to fold: its folder (vLLM's EAGLE format) is written,
     read back into the engine's own forward, and that forward's logits, one drafted position
     at a time as the decoder runs it, compared with the trained module's on samples."""
-    samples = collate(
-        load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
-    )
     with atomic_directory(out, overwrite=overwrite) as folder:
         model.draft.save(folder)
-        write_draft_vocab(folder, count_tokens(
-            record["response_token_ids"] for record in recover_jsonl(config.data)))
+        _write_vocab(folder, config)
         served = FeatureDraftForward(
             FeatureDraft.load(folder, torch.float32, torch.device("cpu")), model.target)
-        difference = _served_difference(model, served, samples)
+        difference = _served_difference(model, served, _samples(config))
     return MergeReport(out, config.method, step, difference)
+
+
+def _samples(config: FitConfig) -> Batch:
+    """The first examples of the run's data, on which a merged draft is checked."""
+    return collate(
+        load_examples(config.data, SAMPLE_LENGTH)[:SAMPLE_EXAMPLES], torch.device("cpu")
+    )
+
+
+def _write_vocab(folder: Path, config: FitConfig) -> None:
+    """The run's response tokens by frequency, for the engine's trimmed head."""
+    write_draft_vocab(folder, count_tokens(
+        record["response_token_ids"] for record in recover_jsonl(config.data)))
 
 
 @torch.no_grad()
