@@ -82,26 +82,25 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes],
 
 
 @dataclass
-class Server:
-    """A server in its own process group (vLLM spawns engine processes), logging to a file."""
+class Child:
+    """A command in its own process group (vLLM spawns engine processes), logging to a file."""
 
     process: subprocess.Popen[bytes]
     log: Path
-    url: str
 
     @classmethod
-    def start(cls, command: list[str], log: Path, port: int) -> Server:
+    def start(cls, command: list[str], log: Path) -> Child:
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                        cwd=REPO_ROOT, start_new_session=True,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return cls(process, log, f"http://127.0.0.1:{port}")
+        return cls(process, log)
 
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        wait_healthy(self.url, self.process, timeout_s)
+    def tail(self, lines: int = 40) -> str:
+        return tail(self.log, lines)
 
     def stop(self) -> None:
-        """SIGTERM to the whole group, also when the server exited: its engine processes stay."""
+        """SIGTERM to the whole group, also when the command exited: its engine processes stay."""
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -111,6 +110,21 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+@dataclass
+class Server(Child):
+    """A server run as a `Child`, answering on 127.0.0.1."""
+
+    url: str
+
+    @classmethod
+    def start(cls, command: list[str], log: Path, port: int) -> Server:  # type: ignore[override]
+        child = Child.start(command, log)
+        return cls(child.process, child.log, f"http://127.0.0.1:{port}")
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        wait_healthy(self.url, self.process, timeout_s)
 
 
 def parse_spec_counts(exposition: str, names: tuple[str, str, str]) -> SpecDecodeCounts:

@@ -10,8 +10,6 @@ afa-serve's engine starts in the test process.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from pathlib import Path
 from openai import OpenAI
 
 from afa_serve.engine.vllm_engine import vllm_has_per_request_spec_metrics
-from bench.common import START_TIMEOUT_S, free_port, tail, wait_healthy
+from bench.common import START_TIMEOUT_S, Child, free_port, wait_healthy
 
 NAME = "smollm2"  # the served model name on every server
 NUM_SPECULATIVE_TOKENS = 4
@@ -38,37 +36,10 @@ def speculative_config(draft: Path) -> dict[str, object]:
 
 
 @dataclass
-class Subprocess:
-    """A child process whose output goes to a log file, stopped with SIGTERM."""
-
-    process: subprocess.Popen
-    log: Path
-
-    @classmethod
-    def start(cls, command: list[str], log: Path) -> Subprocess:
-        with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                       cwd=REPO_ROOT, start_new_session=True)
-        return cls(process, log)
-
-    def tail(self, lines: int = 40) -> str:
-        return tail(self.log, lines)
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its engine processes too
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-@dataclass
 class VllmOpenAIServer:
     """vLLM's own OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
 
-    child: Subprocess
+    child: Child
     url: str
 
     @classmethod
@@ -85,7 +56,7 @@ class VllmOpenAIServer:
         if vllm_has_per_request_spec_metrics():  # 0.32 has both flags, 0.24 neither
             command += ["--per-request-spec-decode-metrics", "summary",
                         "--enable-per-request-metrics"]
-        return cls(Subprocess.start(command, log), f"http://127.0.0.1:{port}")
+        return cls(Child.start(command, log), f"http://127.0.0.1:{port}")
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         try:
@@ -101,7 +72,7 @@ class VllmOpenAIServer:
 class OfflineReference:
     """vLLM's offline `LLM.generate` (greedy, target alone) on given prompts, in a subprocess."""
 
-    child: Subprocess
+    child: Child
     output: Path
 
     @classmethod
@@ -116,7 +87,7 @@ class OfflineReference:
             "speculative_config": speculative_config,
         }))
         command = [sys.executable, "-m", "tests.vllm.reference_generate", str(job), str(output)]
-        return cls(Subprocess.start(command, folder / "reference.log"), output)
+        return cls(Child.start(command, folder / "reference.log"), output)
 
     def result(self, timeout_s: float = START_TIMEOUT_S) -> list[dict]:
         """Per prompt: {"token_ids", "text", "logprobs", "prompt_logprobs"}."""
