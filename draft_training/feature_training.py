@@ -7,6 +7,9 @@ predict token j + 1 as a plain draft's do. Row 0 has no feature before it: no ot
 attends to it, as the serving draft's cache starts at row 1 (its first entry pairs feature 0
 with token 1); merge checks the engine's forward against this module. Cross-entropy, KL to the
 stored top-k, bucketing, held-out agreement, best checkpoints and resume all apply unchanged.
+With `fit --feature-weight`, row j's hidden state also regresses onto the target's feature
+at j (EAGLE's smooth-L1 term): a dense signal, and the one that makes the draft's own
+predicted features, which later drafted tokens read, resemble the target's.
 The target's features of an example are computed once, in the dtype the run's autocast gives
 them, and kept for later epochs.
 
@@ -62,7 +65,7 @@ class FeatureDraftLM(nn.Module):
         causal = causal[None, None]
         hidden = self.draft(previous.to(embeddings.dtype), embeddings,
                             self.rotary(embeddings, positions), causal)
-        return SimpleNamespace(last_hidden_state=hidden)
+        return SimpleNamespace(last_hidden_state=hidden, target_features=features)
 
     @torch.no_grad()
     def target_features(self, input_ids: torch.Tensor,

@@ -215,24 +215,41 @@ def topk_kl(
     )
 
 
+@dataclass(frozen=True)
+class LossTerms:
+    """A batch's loss terms, each summed over its response tokens."""
+
+    ce: torch.Tensor
+    kl: torch.Tensor | None  # None: no teacher in the batch, or distillation off
+    feature: torch.Tensor | None  # None: not asked for (feature drafts only)
+
+
 def response_loss_terms(
-    model: torch.nn.Module, batch: Batch, distill: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed CE over the batch's response tokens, and summed top-K KL over those with a
-    teacher (None when the batch has none or `distill` is off).
+    model: torch.nn.Module, batch: Batch, distill: bool = True, feature: bool = False
+) -> LossTerms:
+    """CE over the batch's response tokens; top-K KL over those with a teacher (with `distill`);
+    for a feature draft with `feature`, EAGLE's regression term: the smooth-L1 from the
+    draft's predicted feature to the target's, averaged over the hidden size.
 
     The head runs on labelled positions only: on 2 CPU cores it dominates a small draft's step
     (a 2-layer SmolLM2 draft trains twice as fast as with logits at every position).
     """
-    hidden = model.base_model(
+    output = model.base_model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    )
+    hidden = output.last_hidden_state
     labelled = batch.labels != IGNORE_INDEX
+    regression = None
+    if feature:
+        regression = F.smooth_l1_loss(hidden[labelled].float(),
+                                       output.target_features[labelled].float(),
+                                       reduction="none").mean(dim=-1).sum()
     logits = model.get_output_embeddings()(hidden[labelled])
     labels = batch.labels[labelled]
     teacher = batch.teacher
     if not distill or teacher is None or not bool(teacher.mask.any()):
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), None
+        return LossTerms(F.cross_entropy(logits.float(), labels, reduction="sum"), None,
+                         regression)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     ce = F.nll_loss(log_probs, labels, reduction="sum")
     if bool(teacher.mask.all()):  # no copy of the [N, V] log-probs when every row has one
@@ -242,12 +259,12 @@ def response_loss_terms(
         kl = topk_kl_from_log_probs(
             log_probs[mask], teacher.token_ids[mask], teacher.logprobs[mask]
         )
-    return ce, kl
+    return LossTerms(ce, kl, regression)
 
 
 def response_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy of the draft's next-token predictions over response tokens."""
-    return response_loss_terms(model, batch, distill=False)[0]
+    return response_loss_terms(model, batch, distill=False).ce
 
 
 def fit(config: FitConfig, on_step: StepCallback | None = None) -> FitResult:
@@ -455,6 +472,7 @@ def _train(
     model = build_model(config).to(device).train()
     examples: list[Example] = load_examples(config.data, config.max_length)
     distill = _check_teacher(config, examples)
+    regress_features = config.feature_weight > 0
     lengths = [len(example.input_ids) for example in examples]
     micro_batches, total_steps = plan_micro_batches(lengths, config)
     check_annealing_ends(config, total_steps)
@@ -496,16 +514,20 @@ def _train(
                 for indices in micro_batches[first : first + config.grad_accum]
             ]
             num_label_tokens = sum(batch.num_label_tokens for batch in batches)
-            loss_value = ce_value = kl_value = 0.0
+            loss_value = ce_value = kl_value = feature_value = 0.0
             for batch in batches:
                 with autocast:
-                    ce, kl = response_loss_terms(model, batch, distill)
-                    ce = ce / num_label_tokens
+                    terms = response_loss_terms(model, batch, distill, regress_features)
+                    ce = terms.ce / num_label_tokens
                     loss = config.ce_weight * ce
-                    if kl is not None:
-                        kl = kl / num_label_tokens
+                    if terms.kl is not None:
+                        kl = terms.kl / num_label_tokens
                         loss = loss + config.kl_weight * kl
                         kl_value += kl.item()
+                    if terms.feature is not None:
+                        feature = terms.feature / num_label_tokens
+                        loss = loss + config.feature_weight * feature
+                        feature_value += feature.item()
                 loss.backward()
                 loss_value += loss.item()
                 ce_value += ce.item()
@@ -518,6 +540,8 @@ def _train(
             record = {"step": step, "loss": loss_value, "lambda": lam, "lr": lr}
             if distill:
                 record |= {"ce": ce_value, "kl": kl_value}
+            if regress_features:
+                record["feature"] = feature_value
             append_jsonl(metrics_path(config.out), [record])
             step += 1
             if heldout is not None and (step % config.eval_every == 0 or step == total_steps):

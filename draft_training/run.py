@@ -96,6 +96,10 @@ class FitConfig(BaseModel):
         1.0, ge=0, description="Weight of KL(target top-K ‖ draft), where the data stores the "
         "target's top-K log-probs (generate --top-k-logprobs); data without them trains on "
         "cross-entropy alone.")
+    feature_weight: float = Field(
+        0.0, ge=0, description="Feature drafts: weight of EAGLE's regression term, the "
+        "smooth-L1 from the draft's predicted feature to the target's at each response token "
+        "(averaged over the hidden size).")
     length_bucketing: bool = Field(
         True, description="Batch examples of similar length together (less padding); a "
         "function of the seed like the order.")
@@ -127,11 +131,15 @@ class FitConfig(BaseModel):
         return "full" if self.adapter is None else self.adapter.method
 
     @model_serializer(mode="wrap")
-    def _without_unset_target(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # the mission's step keys of truncated drafts stay as they were before `target` existed
+    def _without_unset_feature_settings(
+        self, handler: SerializerFunctionWrapHandler
+    ) -> dict[str, Any]:
+        # the mission's step keys stay as they were before `target` and `feature_weight` existed
         data = handler(self)
         if self.target is None:
             data.pop("target", None)
+        if self.feature_weight == 0:
+            data.pop("feature_weight", None)
         return data
 
 
@@ -185,9 +193,9 @@ def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
         if config.adapter is not None:
             raise ValueError("a feature draft (5 M parameters) trains in full: --method full")
         return build_feature_draft_lm(config.draft, config.target)
-    if config.target is not None:
+    if config.target is not None or config.feature_weight > 0:
         raise ValueError(f"{config.draft} is not a feature draft: it reads no target (drop "
-                         f"--target)")
+                         f"--target and --feature-weight)")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft), dtype=torch.float32)
     if config.adapter is None:
         model.requires_grad_(True)

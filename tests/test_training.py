@@ -367,6 +367,9 @@ def test_a_feature_draft_trains_beside_its_target_merges_and_serves(
     with pytest.raises(ValueError, match="not a feature draft"):
         fit(fit_config(truncated, data_file, tmp_path / "stray-target", adapter=None,
                        target=str(target_dir)))
+    with pytest.raises(ValueError, match="not a feature draft"):
+        fit(fit_config(truncated, data_file, tmp_path / "stray-weight", adapter=None,
+                       feature_weight=1.0))
     run = fit_config(init, data_file, tmp_path / "run", adapter=None, target=str(target_dir),
                      max_steps=6)
     result = fit(run)
@@ -387,3 +390,37 @@ def test_a_feature_draft_trains_beside_its_target_merges_and_serves(
     for prompt in ([5, 9, 11], list(range(30, 60))):
         assert (decoder.generate(prompt, 24, greedy).token_ids
                 == plain.generate(prompt, 24, greedy).token_ids)
+
+
+def test_the_feature_regression_term_is_eagles_smooth_l1_and_trains(
+    target_dir, data_file, tmp_path
+):
+    """`feature_weight`: per response token, the smooth-L1 from the draft's predicted feature to
+    the target's final-norm hidden state at that row, averaged over the hidden size."""
+    from draft_training.examples import IGNORE_INDEX, collate, load_examples
+    from draft_training.feature_training import build_feature_draft_lm
+    from draft_training.fit import response_loss_terms
+
+    init = init_draft(InitDraftConfig(target=str(target_dir), kind="feature",
+                                      out=tmp_path / "init"))
+    model = build_feature_draft_lm(str(init), str(target_dir))
+    batch = collate(load_examples(data_file, 128)[:3], torch.device("cpu"))
+    terms = response_loss_terms(model, batch, feature=True)
+    with torch.no_grad():
+        predicted = model(batch.input_ids, batch.attention_mask).last_hidden_state
+        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+        wanted = target(batch.input_ids, attention_mask=batch.attention_mask,
+                        output_hidden_states=True).hidden_states[-1]  # after the final norm
+    expected = 0.0
+    for row, column in (batch.labels != IGNORE_INDEX).nonzero().tolist():
+        difference = (predicted[row, column] - wanted[row, column]).abs()
+        expected += torch.where(difference < 1, 0.5 * difference**2, difference - 0.5).mean()
+    torch.testing.assert_close(terms.feature, torch.as_tensor(expected), rtol=1e-4, atol=1e-5)
+    assert response_loss_terms(model, batch).feature is None  # only when asked for
+
+    run = fit_config(init, data_file, tmp_path / "run", adapter=None, target=str(target_dir),
+                     feature_weight=1.0, ce_weight=0.01, kl_weight=0.0, max_steps=6)
+    fit(run)  # the regression term leads, as EAGLE weighs it
+    regression = [record["feature"] for record in metrics(run.out) if "feature" in record]
+    assert len(regression) == 6 and regression[-1] < regression[0]
+    assert json.loads((run.out / "config.json").read_text())["feature_weight"] == 1.0
