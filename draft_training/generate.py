@@ -34,7 +34,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import AttentionInterface, GenerationConfig
+from transformers import AttentionInterface, GenerationConfig, PreTrainedTokenizerBase
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from afa_serve.atomic import append_jsonl, recover_jsonl
@@ -48,7 +48,7 @@ from afa_serve.engine.loading import (
     resolve_device,
     resolve_dtype,
 )
-from afa_serve.prompts import load_prompts, prompt_token_ids
+from afa_serve.prompts import Prompt, load_prompts, prompt_token_ids
 from draft_training.topk_store import topk_dir, write_shard
 
 # SmolLM2-135M on CPU, max_new_tokens 256, prompts of similar length: tokens/s rise steeply up
@@ -308,6 +308,22 @@ def check_topk_setting(records: list[dict[str, Any]], top_k: int, out: Path) -> 
         )
 
 
+def check_same_prompts(records: list[dict], prompts: dict[str, Prompt],
+                       tokenizer: PreTrainedTokenizerBase, config: GenerateConfig) -> None:
+    """A resumed run skips the ids already answered in `out`: each must be the same prompt.
+    Ids of file prompts are line numbers, so an edited prompt file would otherwise leave
+    answers to its old lines standing for its new ones."""
+    for record in records:
+        prompt = prompts.get(record["id"])
+        if prompt is not None and record["prompt_token_ids"] != prompt_token_ids(
+            prompt, tokenizer, chat=config.chat
+        ):
+            raise ValueError(
+                f"{config.out} holds a response to another prompt under id {record['id']} "
+                f"(was {config.prompts} edited?): pass a new --out, or delete it to start over"
+            )
+
+
 def generate_responses(config: GenerateConfig) -> GenerateSummary:
     prompts = load_prompts(config.prompts, config.limit)
     keyed = [(prompt.id or str(index), prompt) for index, prompt in enumerate(prompts)]
@@ -316,13 +332,14 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
     config.out.parent.mkdir(parents=True, exist_ok=True)
     existing = recover_jsonl(config.out)
     check_topk_setting(existing, config.top_k_logprobs, config.out)
+    tokenizer = load_tokenizer(config.target)
+    check_same_prompts(existing, dict(keyed), tokenizer, config)
     done = {record["id"] for record in existing}
     pending = [(key, prompt) for key, prompt in keyed if key not in done]
     already_done = len(keyed) - len(pending)
     if not pending:
         return GenerateSummary(config.out, len(keyed), already_done, 0, 0, 0.0)
 
-    tokenizer = load_tokenizer(config.target)
     if config.engine == "vllm":
         from draft_training.vllm_generate import VllmGenerator
 

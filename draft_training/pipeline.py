@@ -180,18 +180,24 @@ class WorkDir:
     ) -> StepOutcome:
         """Run `action(stale)` unless a marker with the same key says `output` is done.
 
-        `stale` is True when a marker exists with another key: what `output` holds was made
-        from other inputs and must be discarded, not resumed.
+        The marker is written with the key when the step starts and completed when it ends, so
+        a killed step resumes only with the same inputs. `stale` is True when the marker holds
+        another key, or there is none but `output` exists: what `output` holds was made from
+        other inputs (or from unknown ones) and must be discarded, not resumed.
         """
         key = _key({"step": name, "inputs": inputs, "after": [step.key for step in after]})
         marker = self.marker(name)
         recorded = json.loads(marker.read_text()) if marker.exists() else None
-        if recorded is not None and recorded["key"] == key and output.exists():
+        if (recorded is not None and recorded["key"] == key and "finished_at" in recorded
+                and output.exists()):
             self.log(f"[skip] {name}: cached in {output}")
             return StepOutcome(name, key, output, ran=False, seconds=recorded["seconds"])
+        stale = recorded["key"] != key if recorded is not None else output.exists()
         self.log(f"[run]  {name} → {output}")
+        write_json(marker, {"key": key, "output": str(output),
+                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         started = time.monotonic()
-        action(recorded is not None)
+        action(stale)
         seconds = round(time.monotonic() - started, 2)
         write_json(
             marker,

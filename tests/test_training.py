@@ -204,6 +204,17 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
 
     assert without_topk(unbatched) == without_topk(by_id)
 
+    edited = tmp_path / "edited.jsonl"  # its line 2 is now another prompt
+    lines = prompts_file.read_text().splitlines()
+    edited.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    answered = tmp_path / "answered.jsonl"
+    generate_responses(GenerateConfig(target=str(target_dir), prompts=str(prompts_file),
+                                      out=answered, limit=2, max_new_tokens=4))
+    answered.write_text(answered.read_text().replace(str(prompts_file), str(edited)))
+    with pytest.raises(ValueError, match=r"another prompt under id .*edited.jsonl:2"):
+        generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
+                                          out=answered, max_new_tokens=4))
+
 
 def fit_config(draft_dir: Path, data_file: Path, out: Path, **overrides) -> FitConfig:
     settings = {
