@@ -40,11 +40,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from transformers import AutoConfig
 
 import afa_serve
 from afa_serve.atomic import atomic_file, write_json
 from afa_serve.engine.base import SpecDecodeCounts
+from afa_serve.engine.loading import load_tokenizer, own_vocabulary
 from afa_serve.engine.vllm_support import vllm_installed
+from afa_serve.models.resolve import resolve_model
 from afa_serve.prompts import load_prompts
 from bench import common
 
@@ -103,6 +106,13 @@ class ConfigRun:
     error: str | None = None
 
 
+def draft_has_own_vocabulary(draft: str, target: str) -> bool:
+    """Whether the draft has a vocabulary of its own (`afa-train trim-vocab`), which vLLM maps
+    to the target's by token string (`use_heterogeneous_vocab`, greedy drafting)."""
+    vocab_size = AutoConfig.from_pretrained(resolve_model(draft)).vocab_size
+    return own_vocabulary(load_tokenizer(target), load_tokenizer(draft), vocab_size)
+
+
 def server_command(name: str, s: Settings, port: int) -> list[str]:
     runner, speculative = CONFIGS[name]
     shared = ["--served-model-name", SERVED_NAME, "--dtype", s.dtype, "--max-model-len",
@@ -112,7 +122,9 @@ def server_command(name: str, s: Settings, port: int) -> list[str]:
                    *(["--enforce-eager"] if s.enforce_eager else [])]
     if runner == "vllm":
         spec = json.dumps({"method": "draft_model", "model": s.draft,
-                           "num_speculative_tokens": s.k})
+                           "num_speculative_tokens": s.k,
+                           **({"use_heterogeneous_vocab": True}
+                              if draft_has_own_vocabulary(s.draft, s.target) else {})})
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", s.target,
                 *shared, *vllm_engine, *(["--speculative-config", spec] if speculative else [])]
     afa = [sys.executable, "-m", "afa_serve", "serve", "--target", s.target, *shared,

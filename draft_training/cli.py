@@ -26,6 +26,7 @@ from draft_training.init_draft import InitDraftConfig, init_draft
 from draft_training.merge import merge_run
 from draft_training.pipeline import MissionConfig, run_mission
 from draft_training.run import FitConfig, config_path, read_config
+from draft_training.trim_vocab import DEFAULT_ROWS, trim_vocabulary
 
 app = typer.Typer(
     help=(
@@ -174,6 +175,26 @@ def merge(
     typer.echo(report.out)
 
 
+@app.command("trim-vocab")
+def trim_vocab(
+    draft: Annotated[Path, typer.Argument(help="A merged draft folder (with draft_vocab.json).")],
+    out: Annotated[Path, typer.Option(help="Folder for the trimmed draft.")],
+    rows: Annotated[int, typer.Option(min=2, help="Tokens the trimmed draft keeps.")] = DEFAULT_ROWS,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+) -> None:
+    """Write the draft with a vocabulary of its own, for vLLM: its special tokens and the
+    target's most frequent response tokens, embedding and head cut to those rows, a
+    word-level tokenizer over them. afa-serve's vLLM engine (and vLLM's own server with
+    use_heterogeneous_vocab) maps it to the target's vocabulary, so the draft scores ROWS
+    tokens, not the whole vocabulary. The torch engine takes the dense draft instead
+    (--draft-vocab-size).
+    """
+    with _user_errors():
+        report = trim_vocabulary(draft, rows, out, overwrite=overwrite)
+    _log(f"trimmed to {report.rows} tokens, {report.coverage:.1%} of the counted response tokens")
+    typer.echo(report.out)
+
+
 @command(EvalConfig, name="eval")
 def eval_command(
     config: EvalConfig,
@@ -205,7 +226,8 @@ def mission(config: MissionConfig) -> None:
     """The whole pipeline: pull the target → choose prompts (training / held-out) →
     init-draft → generate the target's responses (with its top-k log-probabilities) → fit
     (every weight by default, or an adapter: --method afa-lora / lora; cross-entropy + KL, best
-    held-out checkpoint) → merge. Prints the merged draft's folder as its last line.
+    held-out checkpoint) → merge (→ trim-vocab, the draft for vLLM). Prints the merged draft's
+    folder as its last line.
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
     only the steps that depend on it run again; a killed run resumes. At its defaults it took
@@ -215,10 +237,12 @@ def mission(config: MissionConfig) -> None:
     with _user_errors():
         result = run_mission(config, _log)
     total = sum(step.seconds for step in result.steps if step.ran)
+    on_vllm = (f"\non vLLM: afa-serve serve --engine vllm --target {config.target} --draft "
+               f"{result.vllm_draft}" if result.vllm_draft is not None else "")
     _log(
         f"mission done ({total:.0f} s of steps run now); held-out prompts: "
         f"{result.heldout_prompts}\nserve it: afa-serve serve --target {config.target} --draft "
-        f"{result.draft}"
+        f"{result.draft}{on_vllm}"
     )
     typer.echo(result.draft)
 

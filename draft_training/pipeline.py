@@ -1,4 +1,5 @@
-"""mission: pull → split prompts → init-draft → generate → fit (AFA-LoRA) → merge, each step cached.
+"""mission: pull → split prompts → init-draft → generate → fit → merge → trim-vocab, each step
+cached.
 
 Training prompts and held-out prompts come from different sources by default (train on
 ShareGPT's user prompts; hold out AlpacaEval, English Arena-Hard and MT-Bench), so a held-out
@@ -21,6 +22,7 @@ continues from its last checkpoint).
                                its top-k log-probabilities, for distillation)
     WORK/heldout-data.jsonl    the target's responses to the held-out prompts
     WORK/runs/<name>/          fit runs;   WORK/drafts/<name>/  their merged drafts
+    WORK/drafts/<name>-vllm/   a truncated draft with a vocabulary of its own, for vLLM
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfi
 from draft_training.merge import merge_run
 from draft_training.run import FitConfig, config_path, final_path, read_config
 from draft_training.topk_store import topk_dir
+from draft_training.trim_vocab import DEFAULT_ROWS, trim_vocabulary
 
 Log = Callable[[str], None]
 
@@ -369,6 +372,18 @@ def merge_step(work: WorkDir, name: str, run: StepOutcome) -> StepOutcome:
     return work.step(f"merge-{name}", {"out": str(out)}, out, merge, after=[run])
 
 
+def trim_step(work: WorkDir, name: str, merged: StepOutcome) -> StepOutcome:
+    out = work.root / "drafts" / f"{name}-vllm"
+
+    def trim(stale: bool) -> None:
+        report = trim_vocabulary(merged.output, DEFAULT_ROWS, out, overwrite=True)
+        work.log(f"trimmed {name} for vLLM: {report.rows} tokens, {report.coverage:.1%} of the "
+                 "response tokens")
+
+    return work.step(f"trim-{name}", {"out": str(out), "rows": DEFAULT_ROWS}, out, trim,
+                     after=[merged])
+
+
 def draft_fit_config(
     config: MissionConfig,
     prepared: Prepared,
@@ -408,6 +423,7 @@ def afa_run_name(adapter: AfaLoraConfig) -> str:
 @dataclass(frozen=True)
 class MissionResult:
     draft: Path  # the merged draft folder, ready to serve
+    vllm_draft: Path | None  # the same with a vocabulary of its own (truncated drafts only)
     heldout_prompts: Path
     steps: list[StepOutcome]
 
@@ -421,4 +437,7 @@ def run_mission(config: MissionConfig, log: Log) -> MissionResult:
                       after=[prepared.draft_init, prepared.data, prepared.heldout_data])
     merged = merge_step(work, name, fitted)
     steps = [prepared.train_prompts, prepared.draft_init, prepared.data, fitted, merged]
-    return MissionResult(merged.output, prepared.heldout_prompts, steps)
+    trimmed = trim_step(work, name, merged) if config.draft_kind == "truncated" else None
+    steps += [trimmed] if trimmed is not None else []
+    return MissionResult(merged.output, trimmed.output if trimmed is not None else None,
+                         prepared.heldout_prompts, steps)

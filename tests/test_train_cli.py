@@ -10,7 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+)
 from typer.testing import CliRunner
 
 from draft_training.afa_lora import AfaLoraConfig
@@ -283,8 +288,15 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert AutoModelForCausalLM.from_pretrained(draft).config.num_hidden_layers == 1
     run = "afa-lora-relu-linear-0.3"
     steps = ["prompts", "init-draft", "generate-heldout", "generate", f"fit-{run}",
-             f"merge-{run}"]
+             f"merge-{run}", f"trim-{run}"]
     assert all(f"[run]  {step}" in stderr for step in steps)
+    # beside it, the draft for vLLM: the tokens it answered with, as a vocabulary of its own
+    for_vllm = work / "drafts" / f"{run}-vllm"
+    assert f"on vLLM: afa-serve serve --engine vllm --target {target_dir} --draft {for_vllm}" \
+        in stderr
+    own = AutoTokenizer.from_pretrained(for_vllm).get_vocab()
+    assert len(own) == AutoModelForCausalLM.from_pretrained(for_vllm).config.vocab_size \
+        < len(AutoTokenizer.from_pretrained(target_dir).get_vocab())
 
     heldout = [json.loads(line) for line in (work / "prompts/heldout.jsonl").open()]
     train = [json.loads(line) for line in (work / "prompts/train.jsonl").open()]

@@ -103,6 +103,15 @@ def vocabulary_difference(
     )
 
 
+def own_vocabulary(target_tokenizer: PreTrainedTokenizerBase,
+                   draft_tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> bool:
+    """Whether the draft has a smaller vocabulary of its own whose every token (as a string)
+    is one of the target's: what `afa-train trim-vocab` writes."""
+    target, draft = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    return (len(draft) == vocab_size < len(target)
+            and all(token in target for token in draft))
+
+
 def check_draft_compatible(
     target: PreTrainedModel,
     target_tokenizer: PreTrainedTokenizerBase,

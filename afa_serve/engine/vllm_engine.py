@@ -58,6 +58,7 @@ from afa_serve.engine.loading import (
     IncompatibleDraftError,
     load_draft_tokenizer,
     load_tokenizer,
+    own_vocabulary,
     resolve_dtype_name,
     vocabulary_difference,
 )
@@ -87,10 +88,19 @@ def check_draft_pairing(
     draft_tokenizer: PreTrainedTokenizerBase,
     target_config: Any,
     draft_config: Any,
-) -> None:
-    """Refuse a draft vLLM could not verify against the target, saying what differs."""
+) -> bool:
+    """Refuse a draft vLLM could not verify against the target, saying what differs. A draft
+    with a vocabulary of its own (`afa-train trim-vocab`) passes when every one of its tokens is
+    the target's and this vLLM maps vocabularies (`vllm_maps_vocabularies`): True then."""
     vocabulary = vocabulary_difference(target_tokenizer, draft_tokenizer)
-    if target_config.vocab_size != draft_config.vocab_size:
+    own = bool(vocabulary) and own_vocabulary(target_tokenizer, draft_tokenizer,
+                                                draft_config.vocab_size)
+    if own:
+        vocabulary = None if vllm_maps_vocabularies() else (
+            f"it has a vocabulary of its own ({draft_config.vocab_size} of the target's "
+            "tokens), which this vLLM cannot map to the target's (use_heterogeneous_vocab, "
+            "vLLM 0.32 and later)")
+    elif target_config.vocab_size != draft_config.vocab_size:
         vocabulary = "; ".join(filter(None, [vocabulary, (
             f"output vocabulary sizes differ (target {target_config.vocab_size}, "
             f"draft {draft_config.vocab_size})")]))
@@ -114,6 +124,7 @@ def check_draft_pairing(
                 f"the {role} model has {heads} attention heads, which {size}-way tensor "
                 f"parallelism cannot split evenly: choose a size that divides {heads}"
             )
+    return own
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -181,6 +192,14 @@ def vllm_has_per_request_spec_metrics() -> bool:
         f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
+def vllm_maps_vocabularies() -> bool:
+    """Whether this vLLM runs a draft whose vocabulary differs from the target's, mapping the
+    two by token string (SpeculativeConfig.use_heterogeneous_vocab, greedy drafting: 0.32)."""
+    from vllm.config import SpeculativeConfig
+
+    return "use_heterogeneous_vocab" in {f.name for f in dataclasses.fields(SpeculativeConfig)}
+
+
 def vllm_has_batch_schedule() -> bool:
     """Whether this vLLM chooses k by batch size (num_speculative_tokens_per_batch_size: 0.32
     can, 0.24 cannot)."""
@@ -216,6 +235,7 @@ class VllmEngine:
         self._info: ModelInfo | None = None
         self._accumulator = StatsAccumulator()
         self._active: set[str] = set()
+        self._own_vocabulary = False  # the draft's vocabulary is its own (vLLM maps it)
         self._closing = False
 
     # -- the Engine interface --------------------------------------------------------------
@@ -328,7 +348,7 @@ class VllmEngine:
         tokenizer = load_tokenizer(config.tokenizer or config.target)
         if config.speculative:
             assert config.draft is not None
-            check_draft_pairing(
+            self._own_vocabulary = check_draft_pairing(
                 config, tokenizer, load_draft_tokenizer(config.draft, tokenizer),
                 AutoConfig.from_pretrained(resolve_model(config.target)),
                 AutoConfig.from_pretrained(resolve_model(config.draft)),
@@ -379,6 +399,8 @@ class VllmEngine:
             draft = resolve_model(config.draft)  # a feature draft is vLLM's EAGLE-1
             method = "eagle" if is_feature_draft(Path(draft)) else "draft_model"
             speculative.update(method=method, model=draft)
+            if self._own_vocabulary:
+                speculative["use_heterogeneous_vocab"] = True
             if config.draft_tensor_parallel_size is not None:
                 speculative["draft_tensor_parallel_size"] = config.draft_tensor_parallel_size
         elif config.prompt_lookup is not None:

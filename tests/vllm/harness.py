@@ -100,6 +100,10 @@ class OfflineReference:
             raise RuntimeError(f"LLM.generate failed ({code}):\n{self.child.tail()}")
         return json.loads(self.output.read_text())
 
+    def spec_counters(self) -> dict[str, float]:
+        """After `result`, with a speculative_config: vLLM's drafts and accepted draft tokens."""
+        return json.loads(self.output.with_suffix(".spec.json").read_text())
+
 
 def vllm_counters() -> dict[str, float]:
     """vLLM's own counters and gauges in this process (its Prometheus logger registers them in

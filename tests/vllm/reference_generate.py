@@ -6,7 +6,8 @@ JOB holds the target, prompts (token ids), max_tokens, dtype, max_model_len and 
 size; OUT gets, per prompt, the generated token ids and text of `LLM.generate` decoding the
 target alone (no draft), so equality also shows the speculative engine is lossless, and the
 chosen tokens' logprobs: each output token's and each prompt token's (the first None). With a
-`speculative_config` in JOB, vLLM decodes with it instead, and OUT holds ids and text only.
+`speculative_config` in JOB, vLLM decodes with it instead, OUT holds ids and text only, and
+OUT with the suffix .spec.json vLLM's drafts and accepted draft tokens over the whole run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens")
 
 
 def main(job_path: Path, out_path: Path) -> None:
@@ -25,13 +28,17 @@ def main(job_path: Path, out_path: Path) -> None:
     speculative = job.get("speculative_config")
     llm = LLM(model=job["target"], dtype=job["dtype"], max_model_len=job["max_model_len"],
               kv_cache_memory_bytes=job["kv_cache_memory_bytes"], enforce_eager=True,
-              max_num_seqs=len(job["prompts"]), speculative_config=speculative)
+              max_num_seqs=len(job["prompts"]), speculative_config=speculative,
+              disable_log_stats=speculative is None)
     if speculative is not None:
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]],
                                params)
         _write(out_path, [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
                           for o in outputs])
+        counters = {metric.name: metric.value for metric in llm.get_metrics()
+                    if metric.name in SPEC_COUNTERS}
+        _write(out_path.with_suffix(".spec.json"), counters)
         return
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=0,
                             prompt_logprobs=0)

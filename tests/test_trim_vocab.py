@@ -1,0 +1,74 @@
+"""`afa-train trim-vocab` on a real SmolLM2 draft: the trimmed draft keeps the special tokens and
+the most frequent response tokens, its tokenizer names exactly those tokens as the target
+does, and its logits are the dense draft's at the kept rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
+from afa_serve.engine.loading import own_vocabulary
+from draft_training.cli import app
+from draft_training.init_draft import InitDraftConfig, init_draft
+
+TEXT = ("The quick brown fox jumps over the lazy dog. The dog sleeps, and the fox runs on "
+        "over the hill to the river, where the fox drinks.")
+
+
+@pytest.fixture(scope="module")
+def dense_draft(real_model_path, real_tokenizer, tmp_path_factory) -> Path:
+    """The target's first 2 layers, with the tokens of TEXT (as if they were the target's
+    responses) counted into draft_vocab.json."""
+    folder = init_draft(InitDraftConfig(target=str(real_model_path), num_layers=2,
+                                        out=tmp_path_factory.mktemp("dense") / "draft"))
+    write_draft_vocab(folder, count_tokens([real_tokenizer(TEXT)["input_ids"]]))
+    return folder
+
+
+def test_trimmed_draft_is_the_dense_draft_at_the_kept_rows(dense_draft, real_tokenizer,
+                                                          tmp_path):
+    text_ids = real_tokenizer(TEXT)["input_ids"]
+    special = sorted(real_tokenizer.added_tokens_decoder)
+    rows = len(special) + len(set(text_ids))
+    out = tmp_path / "trimmed"
+    result = CliRunner().invoke(app, ["trim-vocab", str(dense_draft), "--out", str(out),
+                                      "--rows", str(rows)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert "100.0% of the counted response tokens" in result.output
+
+    trimmed_tokenizer = AutoTokenizer.from_pretrained(out)
+    trimmed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert trimmed.config.vocab_size == len(trimmed_tokenizer.get_vocab()) == rows
+    # each trimmed row is a target token, by string: the special tokens first, in order
+    strings = trimmed_tokenizer.convert_ids_to_tokens(list(range(rows)))
+    keep = real_tokenizer.convert_tokens_to_ids(strings)
+    assert keep[: len(special)] == special and set(keep[len(special):]) == set(text_ids)
+    assert own_vocabulary(real_tokenizer, trimmed_tokenizer, rows)
+    assert not own_vocabulary(real_tokenizer, real_tokenizer, len(real_tokenizer.get_vocab()))
+    # the same end-of-sequence token, renumbered
+    assert keep[trimmed.config.eos_token_id] == real_tokenizer.eos_token_id
+    # a token outside the kept set is the unknown token
+    assert trimmed_tokenizer.convert_tokens_to_ids("Ġelephant") == trimmed_tokenizer.unk_token_id
+
+    dense = AutoModelForCausalLM.from_pretrained(dense_draft, dtype=torch.float32).eval()
+    new_id = {old: new for new, old in enumerate(keep)}
+    with torch.no_grad():
+        dense_logits = dense(torch.tensor([text_ids])).logits[0][:, keep]
+        trimmed_logits = trimmed(torch.tensor([[new_id[t] for t in text_ids]])).logits[0]
+    torch.testing.assert_close(trimmed_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(trimmed_logits.argmax(-1), dense_logits.argmax(-1))
+
+
+def test_trim_vocab_needs_the_drafts_token_counts(real_model_path, tmp_path):
+    folder = init_draft(InitDraftConfig(target=str(real_model_path), num_layers=1,
+                                        out=tmp_path / "uncounted"))
+    result = CliRunner().invoke(app, ["trim-vocab", str(folder), "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1
+    assert "has no draft_vocab.json" in result.output
+    assert not (tmp_path / "t").exists()
