@@ -60,8 +60,9 @@ def trim_vocabulary(draft: Path, rows: int, out: Path, overwrite: bool = False) 
     special = sorted(set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
                      | set(_configured_ids(model)))
     if rows <= len(special):
-        raise ValueError(f"rows must exceed the {len(special)} added tokens, got {rows}")
-    frequent = [token for token in vocab.token_ids if token not in set(special)]
+        raise ValueError(f"rows must exceed the {len(special)} special tokens, got {rows}")
+    always = set(special)
+    frequent = [token for token in vocab.token_ids if token not in always]
     keep = special + frequent[: rows - len(special)]
     new_id = {old: new for new, old in enumerate(keep)}
 

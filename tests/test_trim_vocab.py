@@ -12,9 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
-from afa_serve.engine.loading import own_vocabulary
+from afa_serve.engine.loading import (
+    IncompatibleDraftError,
+    check_draft_compatible,
+    own_vocabulary,
+)
 from draft_training.cli import app
 from draft_training.init_draft import InitDraftConfig, init_draft
+from draft_training.trim_vocab import trim_vocabulary
 
 TEXT = ("The quick brown fox jumps over the lazy dog. The dog sleeps, and the fox runs on "
         "over the hill to the river, where the fox drinks.")
@@ -63,6 +68,15 @@ def test_trimmed_draft_is_the_dense_draft_at_the_kept_rows(dense_draft, real_tok
         trimmed_logits = trimmed(torch.tensor([[new_id[t] for t in text_ids]])).logits[0]
     torch.testing.assert_close(trimmed_logits, dense_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(trimmed_logits.argmax(-1), dense_logits.argmax(-1))
+
+
+def test_the_torch_engine_refuses_a_trimmed_draft_and_names_the_dense_one(
+        dense_draft, real_target, real_tokenizer, tmp_path):
+    out = trim_vocabulary(dense_draft, 64, tmp_path / "trimmed").out
+    draft = AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(IncompatibleDraftError, match="only the vLLM engine maps"):
+        check_draft_compatible(real_target, real_tokenizer, draft,
+                               AutoTokenizer.from_pretrained(out))
 
 
 def test_trim_vocab_needs_the_drafts_token_counts(real_model_path, tmp_path):

@@ -129,10 +129,15 @@ def check_draft_compatible(
                 f"the feature draft was made for another target: its {', '.join(names)} are "
                 f"{theirs}, the target's ({target.config.model_type}) {ours}")
         return
-    problems = [difference] if (difference := vocabulary_difference(
-        target_tokenizer, draft_tokenizer)) else []
     target_logits = target.get_output_embeddings().weight.shape[0]
     draft_logits = draft.get_output_embeddings().weight.shape[0]
+    if own_vocabulary(target_tokenizer, draft_tokenizer, draft_logits):
+        raise IncompatibleDraftError(
+            f"the draft has a vocabulary of its own ({draft_logits} of the target's tokens, "
+            "`afa-train trim-vocab`), which only the vLLM engine maps to the target's: give "
+            "the torch engine the dense draft (it trims the head itself, --draft-vocab-size)")
+    problems = [difference] if (difference := vocabulary_difference(
+        target_tokenizer, draft_tokenizer)) else []
     if target_logits != draft_logits:
         problems.append(
             f"output vocabulary sizes differ (target {target_logits}, draft {draft_logits})"
