@@ -121,12 +121,15 @@ def server_command(name: str, s: Settings, port: int) -> list[str]:
     vllm_engine = ["--kv-cache-memory-bytes", str(s.kv_cache_memory_bytes),
                    *(["--enforce-eager"] if s.enforce_eager else [])]
     if runner == "vllm":
+        if not speculative:
+            return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                    s.target, *shared, *vllm_engine]
         spec = json.dumps({"method": "draft_model", "model": s.draft,
                            "num_speculative_tokens": s.k,
                            **({"use_heterogeneous_vocab": True}
                               if draft_has_own_vocabulary(s.draft, s.target) else {})})
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", s.target,
-                *shared, *vllm_engine, *(["--speculative-config", spec] if speculative else [])]
+                *shared, *vllm_engine, "--speculative-config", spec]
     afa = [sys.executable, "-m", "afa_serve", "serve", "--target", s.target, *shared,
            "--drain-timeout-s", "5"]
     draft = ["--draft", s.draft, "-k", str(s.k)]

@@ -294,9 +294,20 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     for_vllm = work / "drafts" / f"{run}-vllm"
     assert f"on vLLM: afa-serve serve --engine vllm --target {target_dir} --draft {for_vllm}" \
         in stderr
-    own = AutoTokenizer.from_pretrained(for_vllm).get_vocab()
-    assert len(own) == AutoModelForCausalLM.from_pretrained(for_vllm).config.vocab_size \
-        < len(AutoTokenizer.from_pretrained(target_dir).get_vocab())
+    own, trimmed = AutoTokenizer.from_pretrained(for_vllm), AutoModelForCausalLM.from_pretrained(
+        for_vllm)
+    target_tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    assert len(own.get_vocab()) == trimmed.config.vocab_size < len(target_tokenizer.get_vocab())
+    # the special tokens (last in the target's numbering) renumbered in every config
+    assert own.convert_ids_to_tokens([trimmed.config.eos_token_id, trimmed.config.pad_token_id,
+                                      trimmed.generation_config.eos_token_id]) == [
+        "<|im_end|>", "<pad>", "<|im_end|>"]
+    # and the untied head's rows are the dense draft's, at the kept tokens
+    kept = target_tokenizer.convert_tokens_to_ids(own.convert_ids_to_tokens(
+        list(range(trimmed.config.vocab_size))))
+    dense = AutoModelForCausalLM.from_pretrained(draft)
+    assert not dense.config.tie_word_embeddings
+    assert torch.equal(trimmed.lm_head.weight, dense.lm_head.weight[kept])
 
     heldout = [json.loads(line) for line in (work / "prompts/heldout.jsonl").open()]
     train = [json.loads(line) for line in (work / "prompts/train.jsonl").open()]

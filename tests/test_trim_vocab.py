@@ -4,6 +4,7 @@ does, and its logits are the dense draft's at the kept rows."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,21 +40,28 @@ def test_trimmed_draft_is_the_dense_draft_at_the_kept_rows(dense_draft, real_tok
                                                           tmp_path):
     text_ids = real_tokenizer(TEXT)["input_ids"]
     special = sorted(real_tokenizer.added_tokens_decoder)
-    rows = len(special) + len(set(text_ids))
+    # the chat framing before every answer: system prompt, user turn, "<|im_start|>assistant\n"
+    framing = real_tokenizer(real_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)["input_ids"]
+    assert "istant" in real_tokenizer.convert_ids_to_tokens(framing)  # not in TEXT
+    expected = set(special) | set(framing) - {real_tokenizer.convert_tokens_to_ids("Hi")} \
+        | set(text_ids)
     out = tmp_path / "trimmed"
     result = CliRunner().invoke(app, ["trim-vocab", str(dense_draft), "--out", str(out),
-                                      "--rows", str(rows)])
+                                      "--rows", "4096"])  # more than there are: all of them
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out)
     assert "100.0% of the counted response tokens" in result.output
 
     trimmed_tokenizer = AutoTokenizer.from_pretrained(out)
     trimmed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert trimmed.config.vocab_size == len(trimmed_tokenizer.get_vocab()) == rows
+    rows = trimmed.config.vocab_size
+    assert rows == len(trimmed_tokenizer.get_vocab()) == len(expected)
     # each trimmed row is a target token, by string: the special tokens first, in order
     strings = trimmed_tokenizer.convert_ids_to_tokens(list(range(rows)))
     keep = real_tokenizer.convert_tokens_to_ids(strings)
-    assert keep[: len(special)] == special and set(keep[len(special):]) == set(text_ids)
+    assert keep[: len(special)] == special and set(keep) == expected
     assert own_vocabulary(real_tokenizer, trimmed_tokenizer, rows)
     assert not own_vocabulary(real_tokenizer, real_tokenizer, len(real_tokenizer.get_vocab()))
     # the same end-of-sequence token, renumbered
@@ -70,9 +78,9 @@ def test_trimmed_draft_is_the_dense_draft_at_the_kept_rows(dense_draft, real_tok
     assert torch.equal(trimmed_logits.argmax(-1), dense_logits.argmax(-1))
 
 
-def test_the_torch_engine_refuses_a_trimmed_draft_and_names_the_dense_one(
+def test_the_torch_engine_refuses_a_trimmed_draft_by_name(
         dense_draft, real_target, real_tokenizer, tmp_path):
-    out = trim_vocabulary(dense_draft, 64, tmp_path / "trimmed").out
+    out = trim_vocabulary(dense_draft, 128, tmp_path / "trimmed").out
     draft = AutoModelForCausalLM.from_pretrained(out)
     with pytest.raises(IncompatibleDraftError, match="only the vLLM engine maps"):
         check_draft_compatible(real_target, real_tokenizer, draft,
@@ -85,4 +93,14 @@ def test_trim_vocab_needs_the_drafts_token_counts(real_model_path, tmp_path):
     result = CliRunner().invoke(app, ["trim-vocab", str(folder), "--out", str(tmp_path / "t")])
     assert result.exit_code == 1
     assert "has no draft_vocab.json" in result.output
+    assert not (tmp_path / "t").exists()
+
+
+def test_trim_vocab_refuses_to_keep_the_whole_vocabulary(dense_draft, tmp_path):
+    every_token = tmp_path / "every-token"
+    shutil.copytree(dense_draft, every_token)
+    write_draft_vocab(every_token, count_tokens([list(range(49152))]))
+    result = CliRunner().invoke(app, ["trim-vocab", str(every_token), "--out", str(tmp_path / "t"),
+                                      "--rows", "49152"])
+    assert result.exit_code == 1 and "there is nothing to trim" in result.output
     assert not (tmp_path / "t").exists()

@@ -93,8 +93,7 @@ def check_draft_pairing(
     with a vocabulary of its own (`afa-train trim-vocab`) passes when every one of its tokens is
     the target's and this vLLM maps vocabularies (`vllm_maps_vocabularies`): True then."""
     vocabulary = vocabulary_difference(target_tokenizer, draft_tokenizer)
-    own = bool(vocabulary) and own_vocabulary(target_tokenizer, draft_tokenizer,
-                                                draft_config.vocab_size)
+    own = own_vocabulary(target_tokenizer, draft_tokenizer, draft_config.vocab_size)
     if own:
         vocabulary = None if vllm_maps_vocabularies() else (
             f"it has a vocabulary of its own ({draft_config.vocab_size} of the target's "

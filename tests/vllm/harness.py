@@ -101,7 +101,7 @@ class OfflineReference:
         return json.loads(self.output.read_text())
 
     def spec_counters(self) -> dict[str, float]:
-        """After `result`, with a speculative_config: vLLM's drafts and accepted draft tokens."""
+        """After `result`, with a speculative_config: vLLM's drafted and accepted tokens."""
         return json.loads(self.output.with_suffix(".spec.json").read_text())
 
 

@@ -7,7 +7,7 @@ size; OUT gets, per prompt, the generated token ids and text of `LLM.generate` d
 target alone (no draft), so equality also shows the speculative engine is lossless, and the
 chosen tokens' logprobs: each output token's and each prompt token's (the first None). With a
 `speculative_config` in JOB, vLLM decodes with it instead, OUT holds ids and text only, and
-OUT with the suffix .spec.json vLLM's drafts and accepted draft tokens over the whole run.
+OUT with the suffix .spec.json vLLM's drafted and accepted tokens over the whole run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens")
+SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 
 
 def main(job_path: Path, out_path: Path) -> None:

@@ -265,17 +265,20 @@ def test_vllm_runs_a_feature_draft_as_eagle_and_decodes_what_the_target_alone_do
 
 
 def test_vllm_maps_a_trimmed_vocabulary_draft_and_decodes_what_the_target_alone_does(
-        real_model_path, draft_path, greedy_prompts, reference_outputs, tmp_path):
-    """`afa-train trim-vocab`'s draft (its own 2,048 most frequent tokens) pairs with the target
-    through vLLM's use_heterogeneous_vocab; vLLM drafts with it, and the output is the target's."""
+        real_model_path, greedy_prompts, reference_outputs, tmp_path):
+    """The target itself, trimmed by `afa-train trim-vocab` to the tokens of the prompts and of
+    its answers, as the draft: it pairs through afa-serve's check with vLLM's
+    use_heterogeneous_vocab, and as every token it reads and writes is kept, its argmax is the
+    target's at every step, so vLLM accepts nearly all of it (a wrong mapping: nearly none);
+    the output is the target's."""
     from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
     from draft_training.trim_vocab import trim_vocabulary
 
     counted = tmp_path / "counted"
-    shutil.copytree(draft_path, counted)
+    shutil.copytree(real_model_path, counted)
     write_draft_vocab(counted, count_tokens(
         [*greedy_prompts.values(), *(output["token_ids"] for output in reference_outputs.values())]))
-    trimmed = trim_vocabulary(counted, 2048, tmp_path / "trimmed").out
+    trimmed = trim_vocabulary(counted, 4096, tmp_path / "trimmed").out
     engine = VllmEngine(EngineConfig(target=str(real_model_path), draft=str(trimmed),
                                      num_speculative_tokens=3, speculation="fixed"))
     engine._check_models()  # the draft's tokens are all the target's: it pairs
@@ -286,4 +289,7 @@ def test_vllm_maps_a_trimmed_vocabulary_draft_and_decodes_what_the_target_alone_
                                     GREEDY_MAX_TOKENS, tmp_path, speculative_config=speculative)
     for name, output in zip(greedy_prompts, mapped.result(), strict=True):
         assert output["token_ids"] == reference_outputs[name]["token_ids"], name
-    assert mapped.spec_counters()["vllm:spec_decode_num_drafts"] > 0  # (untrained: few accepted)
+    counters = mapped.spec_counters()
+    assert counters["vllm:spec_decode_num_draft_tokens"] > 0
+    assert counters["vllm:spec_decode_num_accepted_tokens"] >= (
+        0.9 * counters["vllm:spec_decode_num_draft_tokens"])
