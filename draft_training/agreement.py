@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from draft_training.examples import IGNORE_INDEX, Example, collate
+from draft_training.head_rows import HeadRows
 
 DEFAULT_K = 4
 
@@ -91,11 +92,13 @@ def draft_matches(
     batch_size: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    rows: HeadRows | None = None,
 ) -> list[torch.Tensor]:
     """Per example, whether the draft's argmax equals each response token (teacher-forced).
 
     Examples run in batches of similar length (the order of the result is the input's); the
-    head runs on response positions only, as in training. The caller sets eval mode.
+    head runs on response positions only, as in training, and over `rows` only when given.
+    The caller sets eval mode.
     """
     order = sorted(range(len(examples)), key=lambda index: len(examples[index].input_ids))
     result: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * len(examples)
@@ -107,7 +110,11 @@ def draft_matches(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
             labelled = batch.labels != IGNORE_INDEX
-            predicted = model.get_output_embeddings()(hidden[labelled]).argmax(-1)
+            head = model.get_output_embeddings()
+            if rows is None:
+                predicted = head(hidden[labelled]).argmax(-1)
+            else:
+                predicted = rows.token_ids[rows.logits(head, hidden[labelled]).argmax(-1)]
         matches = (predicted == batch.labels[labelled]).cpu()
         counts = labelled.sum(dim=1).tolist()
         for index, piece in zip(indices, matches.split(counts), strict=True):
@@ -122,6 +129,9 @@ def heldout_agreement(
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     k: int = DEFAULT_K,
+    rows: HeadRows | None = None,
 ) -> Agreement:
-    """The draft's teacher-forced agreement with the target's responses in `examples`."""
-    return agreement_from_matches(draft_matches(model, examples, batch_size, device, autocast), k)
+    """The draft's teacher-forced agreement with the target's responses in `examples` (its
+    argmax over `rows` only, when given)."""
+    return agreement_from_matches(
+        draft_matches(model, examples, batch_size, device, autocast, rows), k)

@@ -34,6 +34,9 @@ class Example:
     input_ids: tuple[int, ...]
     num_prompt_tokens: int
     topk: TopkRef | None = None
+    # What each position is trained to predict when that is not the next input token: the
+    # target's argmax over text it was scored on rather than text it wrote (`score`).
+    labels: tuple[int, ...] | None = None
 
     @property
     def num_label_tokens(self) -> int:
@@ -56,6 +59,12 @@ def load_examples(path: Path, max_length: int) -> list[Example]:
         input_ids = tuple(prompt + response)[:max_length]
         if len(input_ids) <= len(prompt):
             continue
+        labels = record.get("label_token_ids")
+        if labels is not None:
+            if len(labels) != len(response):
+                raise ValueError(f"{path}: record {record.get('id')!r} has "
+                                 f"{len(labels)} label_token_ids for {len(response)} response tokens")
+            labels = tuple(labels[: len(input_ids) - len(prompt)])
         topk = None
         if record.get("topk") is not None:
             if folder is None:
@@ -64,13 +73,17 @@ def load_examples(path: Path, max_length: int) -> list[Example]:
                 folder = topk_dir(Path(path))
             pointer = record["topk"]
             topk = TopkRef(folder, pointer["shard"], int(pointer["offset"]), int(pointer["k"]))
-        examples.append(Example(input_ids, len(prompt), topk))
+        examples.append(Example(input_ids, len(prompt), topk, labels))
     if not examples:
         raise ValueError(f"{path} holds no example with response tokens within {max_length} tokens")
+    check_one_topk_size(examples, str(path))
+    return examples
+
+
+def check_one_topk_size(examples: list[Example], source: str) -> None:
     sizes = sorted({example.topk.k for example in examples if example.topk is not None})
     if len(sizes) > 1:
-        raise ValueError(f"{path}: records store top-k of different sizes {sizes}; use one K")
-    return examples
+        raise ValueError(f"{source}: records store top-k of different sizes {sizes}; use one K")
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,9 @@ def collate(examples: list[Example], device: torch.device) -> Batch:
         ids = torch.tensor(example.input_ids)
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
-        labels[row, example.num_prompt_tokens - 1 : len(ids) - 1] = ids[example.num_prompt_tokens :]
+        targets = ids[example.num_prompt_tokens :] if example.labels is None else torch.tensor(
+            example.labels)
+        labels[row, example.num_prompt_tokens - 1 : len(ids) - 1] = targets
     return Batch(
         input_ids.to(device),
         attention_mask.to(device),

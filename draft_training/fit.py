@@ -56,7 +56,15 @@ from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
 from afa_serve.engine.loading import resolve_device
 from draft_training.afa_lora import set_lambda
 from draft_training.agreement import heldout_agreement
-from draft_training.examples import IGNORE_INDEX, Batch, Example, collate, load_examples
+from draft_training.examples import (
+    IGNORE_INDEX,
+    Batch,
+    Example,
+    check_one_topk_size,
+    collate,
+    load_examples,
+)
+from draft_training.head_rows import HeadRows
 from draft_training.run import (
     FitConfig,
     best_path,
@@ -193,16 +201,19 @@ def topk_kl_from_log_probs(
     """Σ over rows of KL(p ‖ q) on K + 1 outcomes: the teacher's top-K ids and the tail.
 
     p: the teacher's top-K probabilities exp(logprobs) as stored, tail 1 − Σ p; q: the
-    student's probabilities of the same ids (from its full-vocabulary log_softmax
-    `student_log_probs` [N, V]), tail 1 − Σ q. Float32; tails are floored at `TAIL_EPS` before
-    their log, and an outcome with p = 0 contributes 0.
+    student's probabilities of the same ids (from its log_softmax `student_log_probs` [N, V]),
+    tail 1 − Σ q. A teacher id of -1 is a token the student does not score (`head_rows`): its
+    p joins the tail. Float32; tails are floored at `TAIL_EPS` before their log, and an
+    outcome with p = 0 contributes 0.
     """
     teacher_logprobs = teacher_logprobs.float()
-    p = teacher_logprobs.exp()
-    log_q = student_log_probs.float().gather(-1, teacher_ids)
-    head = torch.where(p > 0, p * (teacher_logprobs - log_q), torch.zeros_like(p)).sum(-1)
+    scored = teacher_ids >= 0
+    zeros = torch.zeros_like(teacher_logprobs)
+    p = torch.where(scored, teacher_logprobs.exp(), zeros)
+    log_q = student_log_probs.float().gather(-1, teacher_ids.clamp_min(0))
+    head = torch.where(p > 0, p * (teacher_logprobs - log_q), zeros).sum(-1)
     p_tail = (1.0 - p.sum(-1)).clamp_min(TAIL_EPS)
-    q_tail = (1.0 - log_q.exp().sum(-1)).clamp_min(TAIL_EPS)
+    q_tail = (1.0 - torch.where(scored, log_q.exp(), zeros).sum(-1)).clamp_min(TAIL_EPS)
     return (head + p_tail * (p_tail.log() - q_tail.log())).sum()
 
 
@@ -225,11 +236,16 @@ class LossTerms:
 
 
 def response_loss_terms(
-    model: torch.nn.Module, batch: Batch, distill: bool = True, feature: bool = False
+    model: torch.nn.Module,
+    batch: Batch,
+    distill: bool = True,
+    feature: bool = False,
+    rows: HeadRows | None = None,
 ) -> LossTerms:
     """CE over the batch's response tokens; top-K KL over those with a teacher (with `distill`);
     for a feature draft with `feature`, EAGLE's regression term: the smooth-L1 from the
-    draft's predicted feature to the target's, averaged over the hidden size.
+    draft's predicted feature to the target's, averaged over the hidden size. With `rows`, the
+    head, its softmax and both losses cover those rows only (`head_rows.py`).
 
     The head runs on labelled positions only: on 2 CPU cores it dominates a small draft's step
     (a 2-layer SmolLM2 draft trains twice as fast as with logits at every position).
@@ -244,21 +260,24 @@ def response_loss_terms(
         regression = F.smooth_l1_loss(hidden[labelled].float(),
                                        output.target_features[labelled].float(),
                                        reduction="none").mean(dim=-1).sum()
-    logits = model.get_output_embeddings()(hidden[labelled])
+    head = model.get_output_embeddings()
     labels = batch.labels[labelled]
+    if rows is None:
+        logits = head(hidden[labelled])
+    else:
+        logits, labels = rows.logits(head, hidden[labelled]), rows.labels(labels)
     teacher = batch.teacher
     if not distill or teacher is None or not bool(teacher.mask.any()):
         return LossTerms(F.cross_entropy(logits.float(), labels, reduction="sum"), None,
                          regression)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     ce = F.nll_loss(log_probs, labels, reduction="sum")
+    teacher_ids = teacher.token_ids if rows is None else rows.row_of[teacher.token_ids]
     if bool(teacher.mask.all()):  # no copy of the [N, V] log-probs when every row has one
-        kl = topk_kl_from_log_probs(log_probs, teacher.token_ids, teacher.logprobs)
+        kl = topk_kl_from_log_probs(log_probs, teacher_ids, teacher.logprobs)
     else:
         mask = teacher.mask
-        kl = topk_kl_from_log_probs(
-            log_probs[mask], teacher.token_ids[mask], teacher.logprobs[mask]
-        )
+        kl = topk_kl_from_log_probs(log_probs[mask], teacher_ids[mask], teacher.logprobs[mask])
     return LossTerms(ce, kl, regression)
 
 
@@ -423,10 +442,12 @@ def _evaluate(
     autocast: contextlib.AbstractContextManager,
     step_index: int,
     lam: float,
+    rows: HeadRows | None,
 ) -> dict[str, Any]:
     """Evaluate the weights after optimiser step `step_index`; keep them if they are the best."""
     model.eval()
-    agreement = heldout_agreement(model, heldout.examples, config.batch_size, device, autocast)
+    agreement = heldout_agreement(model, heldout.examples, config.batch_size, device, autocast,
+                                  rows=rows)
     model.train()
     eligible = lam == 0.0
     improved = eligible and (heldout.best is None or agreement.tau > heldout.best["tau"])
@@ -471,7 +492,15 @@ def _train(
     torch.manual_seed(config.seed)
     model = build_model(config).to(device).train()
     examples: list[Example] = load_examples(config.data, config.max_length)
+    if config.scored_data is not None:
+        examples += load_examples(config.scored_data, config.max_length)
+        check_one_topk_size(examples, f"{config.data} and {config.scored_data}")
     distill = _check_teacher(config, examples)
+    rows = None
+    if config.head_rows:
+        rows = HeadRows.most_frequent(
+            (record["response_token_ids"] for record in recover_jsonl(config.data)),
+            config.head_rows, model.get_output_embeddings().weight.shape[0]).to(device)
     regress_features = config.feature_weight > 0
     lengths = [len(example.input_ids) for example in examples]
     micro_batches, total_steps = plan_micro_batches(lengths, config)
@@ -517,7 +546,7 @@ def _train(
             loss_value = ce_value = kl_value = feature_value = 0.0
             for batch in batches:
                 with autocast:
-                    terms = response_loss_terms(model, batch, distill, regress_features)
+                    terms = response_loss_terms(model, batch, distill, regress_features, rows)
                     ce = terms.ce / num_label_tokens
                     loss = config.ce_weight * ce
                     if terms.kl is not None:
@@ -545,7 +574,8 @@ def _train(
             append_jsonl(metrics_path(config.out), [record])
             step += 1
             if heldout is not None and (step % config.eval_every == 0 or step == total_steps):
-                evaluation = _evaluate(config, model, heldout, device, autocast, step - 1, lam)
+                evaluation = _evaluate(config, model, heldout, device, autocast, step - 1, lam,
+                                       rows)
                 append_jsonl(metrics_path(config.out), [evaluation])
                 patience = config.patience
                 stopped_early = patience is not None and heldout.evals_since_best >= patience

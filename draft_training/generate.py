@@ -49,7 +49,7 @@ from afa_serve.engine.loading import (
     resolve_dtype,
 )
 from afa_serve.prompts import Prompt, load_prompts, prompt_token_ids
-from draft_training.topk_store import topk_dir, write_shard
+from draft_training.topk_store import attach_topk, topk_dir
 
 # SmolLM2-135M on CPU, max_new_tokens 256, prompts of similar length: tokens/s rise steeply up
 # to 32 rows (float32 80 -> 96, bfloat16 152 -> 177 from 16 rows) and little beyond (64 rows:
@@ -287,11 +287,7 @@ def batch_records(
             )
         ids_rows.append(generated.topk_ids[:length])
         logprob_rows.append(generated.topk_logprobs[:length])
-    shard = write_shard(folder, torch.cat(ids_rows), torch.cat(logprob_rows))
-    offset = 0
-    for record in records:
-        record["topk"] = {"shard": shard, "offset": offset, "k": top_k}
-        offset += len(record["response_token_ids"])
+    attach_topk(folder, records, ids_rows, logprob_rows)
     return records
 
 

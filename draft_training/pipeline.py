@@ -43,7 +43,7 @@ from afa_serve.atomic import atomic_file, write_json
 from afa_serve.descriptions import DEVICE_HELP, TARGET_HELP
 from afa_serve.engine.loading import DeviceName, DTypeName
 from afa_serve.models.resolve import resolve_model
-from afa_serve.prompts import Prompt, load_prompts
+from afa_serve.prompts import Prompt, load_prompts, text_key
 from draft_training.afa_lora import AfaLoraConfig, full_means_no_adapter
 from draft_training.fit import fit, resume
 from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
@@ -120,6 +120,11 @@ class MissionConfig(BaseModel):
                       f"adapter).")
     kl_weight: float = Field(
         1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
+    head_rows: int = Field(
+        DEFAULT_ROWS, ge=0, description="Train the draft's head over the target's N most "
+        "frequent response tokens only, the rows the engines serve (vLLM's trimmed vocabulary; "
+        "the torch engine serves the first 4096 of them): half the cost of a step. 0: the "
+        "whole vocabulary.")
     eval_every: int = Field(25, ge=1, description="Optimiser steps between held-out evaluations.")
     patience: int | None = Field(
         3, ge=1, description="Held-out evaluations without improvement before stopping.")
@@ -235,18 +240,14 @@ def _interleaved(prompt_sets: Sequence[str], seed: int) -> list[Prompt]:
     ]
 
 
-def _same_text(prompt: Prompt) -> str:
-    return " ".join(prompt.content.split()).casefold()
-
-
 def split_prompts(
     prompt_sets: Sequence[str], heldout_sets: Sequence[str], num_heldout: int, seed: int
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(held-out, training pool): the first `num_heldout` of the interleaved held-out sets, and
     the interleaved training sets less every prompt whose text is held out."""
     heldout = _interleaved(heldout_sets, seed)[:num_heldout]
-    held = {_same_text(prompt) for prompt in heldout}
-    pool = [prompt for prompt in _interleaved(prompt_sets, seed) if _same_text(prompt) not in held]
+    held = {text_key(prompt) for prompt in heldout}
+    pool = [prompt for prompt in _interleaved(prompt_sets, seed) if text_key(prompt) not in held]
     if not pool:
         raise ValueError(f"{num_heldout} held-out prompts leave none to train on")
     return heldout, pool
@@ -411,6 +412,7 @@ def draft_fit_config(
         seed=config.seed,
         device=config.device,
         kl_weight=config.kl_weight,
+        head_rows=config.head_rows,
         **evaluation,
     )
 

@@ -74,6 +74,9 @@ class FitConfig(BaseModel):
         None, description="The target whose last hidden states a feature draft reads "
         "(`init-draft --kind feature`); other drafts need none.")
     data: Path = Field(description="JSONL written by `afa-train generate`.")
+    scored_data: Path | None = Field(
+        None, description="JSONL written by `afa-train score` (replies the target scored but "
+        "did not write), trained on beside DATA: each position learns the target's argmax.")
     out: Path = Field(description="Run folder: config, metrics, checkpoints, weights.")
     adapter: AfaLoraConfig | None = AfaLoraConfig()
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, cosine decay).")
@@ -100,6 +103,11 @@ class FitConfig(BaseModel):
         0.0, ge=0, description="Feature drafts: weight of EAGLE's regression term, the "
         "smooth-L1 from the draft's predicted feature to the target's at each response token "
         "(averaged over the hidden size).")
+    head_rows: int = Field(
+        0, ge=0, description="Train the head over the N tokens most frequent in DATA's "
+        "responses only, the rows the engines' trimmed heads serve (8192: vLLM's trim-vocab; "
+        "the torch engine serves the first 4096): about half a 2-layer draft's step on CPU. "
+        "0: the whole vocabulary.")
     length_bucketing: bool = Field(
         True, description="Batch examples of similar length together (less padding); a "
         "function of the seed like the order.")
@@ -131,15 +139,20 @@ class FitConfig(BaseModel):
         return "full" if self.adapter is None else self.adapter.method
 
     @model_serializer(mode="wrap")
-    def _without_unset_feature_settings(
+    def _without_unset_settings(
         self, handler: SerializerFunctionWrapHandler
     ) -> dict[str, Any]:
-        # the mission's step keys stay as they were before `target` and `feature_weight` existed
+        # the mission's step keys stay as they were before `target`, `feature_weight`,
+        # `scored_data` and `head_rows` existed
         data = handler(self)
         if self.target is None:
             data.pop("target", None)
         if self.feature_weight == 0:
             data.pop("feature_weight", None)
+        if self.scored_data is None:
+            data.pop("scored_data", None)
+        if self.head_rows == 0:
+            data.pop("head_rows", None)
         return data
 
 

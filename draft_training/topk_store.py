@@ -47,6 +47,25 @@ def _next_shard_name(folder: Path) -> str:
     return f"{max(numbers, default=-1) + 1:05d}.safetensors"
 
 
+def attach_topk(
+    folder: Path,
+    records: list[dict[str, Any]],
+    token_ids: list[torch.Tensor],
+    logprobs: list[torch.Tensor],
+) -> None:
+    """Write one shard holding each record's rows (`token_ids[i]`, `logprobs[i]`: [len(response
+    tokens), K]) and point the records into it; append the records only after this returns."""
+    for record, rows in zip(records, token_ids, strict=True):
+        if rows.shape[0] != len(record["response_token_ids"]):
+            raise RuntimeError(f"{rows.shape[0]} top-k rows for a "
+                               f"{len(record['response_token_ids'])}-token response")
+    shard = write_shard(folder, torch.cat(token_ids), torch.cat(logprobs))
+    offset = 0
+    for record in records:
+        record["topk"] = {"shard": shard, "offset": offset, "k": int(token_ids[0].shape[1])}
+        offset += len(record["response_token_ids"])
+
+
 def write_shard(folder: Path, token_ids: torch.Tensor, logprobs: torch.Tensor) -> str:
     """Write the next unused shard of `folder` atomically and durably; return its file name.
 

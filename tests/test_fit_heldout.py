@@ -321,7 +321,7 @@ def scripted_taus(monkeypatch, taus: dict[int, float]) -> None:
     """Held-out τ by optimiser step: the step is the last step record of the run's metrics, so
     a resumed run sees the same τ at the same step."""
 
-    def fake(model, examples, batch_size, device, autocast=None, k=4):
+    def fake(model, examples, batch_size, device, autocast=None, k=4, rows=None):
         run_dir = fake.run_dir
         step = records(run_dir)[-1]["step"]
         tau = taus[step]
