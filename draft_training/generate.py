@@ -226,6 +226,19 @@ class GenerateSummary:
     seconds: float
 
 
+def token_progress(label: str) -> Progress:
+    """A bar of records done, tokens, tokens/s and ETA (fields `tokens` and `rate`)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
 def response_end(new_tokens: list[int], eos: frozenset[int]) -> int | None:
     """The length of the response: through its first end-of-sequence token (None: no EOS)."""
     return next((index + 1 for index, token in enumerate(new_tokens) if token in eos), None)
@@ -348,15 +361,7 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
     )
     started = time.monotonic()
     new_tokens = 0
-    progress = Progress(
-        TextColumn("generate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
+    progress = token_progress("generate")
     folder = topk_dir(config.out)
     with progress:
         task = progress.add_task(

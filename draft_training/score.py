@@ -25,14 +25,6 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from afa_serve.atomic import append_jsonl, recover_jsonl
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
@@ -46,7 +38,7 @@ from afa_serve.engine.loading import (
     resolve_dtype,
 )
 from afa_serve.prompts import load_prompts, prompt_token_ids, text_key
-from draft_training.generate import check_topk_setting
+from draft_training.generate import check_topk_setting, response_end, token_progress
 from draft_training.replies import REPLY_SOURCES_HELP, Reply, load_replies
 from draft_training.topk_store import attach_topk, topk_dir
 
@@ -99,8 +91,8 @@ def reply_token_ids(reply: Reply, tokenizer: Any, prompt_ids: list[int],
         raise ValueError(f"{reply.id}: the chat template does not frame the reply as a "
                          "continuation of the prompt")
     tokens = full[len(prompt_ids):]
-    end = next((index + 1 for index, token in enumerate(tokens) if token in eos), len(tokens))
-    return tokens[:end]
+    end = response_end(tokens, eos)
+    return tokens if end is None else tokens[:end]
 
 
 def _pending_items(config: ScoreConfig, tokenizer: Any, eos: frozenset[int],
@@ -172,11 +164,7 @@ def score_replies(config: ScoreConfig) -> ScoreSummary:
     items.sort(key=lambda item: len(item.prompt_ids) + len(item.response_ids))
     folder = topk_dir(config.out)
     started, tokens = time.monotonic(), 0
-    progress = Progress(
-        TextColumn("score"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]:.0f} tok/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    )
+    progress = token_progress("score")
     with progress:
         task = progress.add_task("score", total=wanted, completed=already_done, tokens=0,
                                  rate=0.0)
