@@ -43,7 +43,7 @@ def typer_command(app: typer.Typer, name: str):
 
 def test_every_config_backed_command_is_found():
     names = sorted(name for _, name, _, _ in config_commands())
-    assert names == ["bench", "compare", "eval", "fit", "generate", "init-draft", "mission", "serve"]
+    assert names == ["bench", "compare", "eval", "fit", "generate", "init-draft", "mission", "score", "serve"]
 
 
 @pytest.mark.parametrize("app, name, model, own", config_commands(),
