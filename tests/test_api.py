@@ -373,11 +373,17 @@ def test_full_queue_is_429_with_retry_after(real_tokenizer):
 
 
 def test_draining_refuses_new_work_with_503(real_tokenizer):
-    with running_server(tiny_engine(real_tokenizer)) as draining:
+    with running_server(tiny_engine(real_tokenizer, max_model_len=2048)) as draining:
+        # a draining server exits once nothing is in flight: keep one request going meanwhile
+        stream = draining.client().completions.create(
+            model=TINY, prompt="x", max_tokens=LONG, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        next(iter(stream))
         draining.state.draining = True
         response = draining.post("/v1/completions", json={"model": TINY, "prompt": "y"})
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert httpx.get(f"{draining.url}/health").status_code == 503
+        stream.close()
 
 
 # -- clients that leave ----------------------------------------------------------------------
