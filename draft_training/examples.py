@@ -7,6 +7,7 @@ Its rows are read when a batch is collated, not held in memory with the examples
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,11 @@ class Example:
     def num_label_tokens(self) -> int:
         """Positions whose next token is a response token: what the loss is taken over."""
         return len(self.input_ids) - self.num_prompt_tokens
+
+
+def response_token_ids(path: Path) -> Iterator[list[int]]:
+    """The target's response tokens of each record of a data file."""
+    return (record["response_token_ids"] for record in recover_jsonl(path))
 
 
 def load_examples(path: Path, max_length: int) -> list[Example]:

@@ -63,6 +63,7 @@ from draft_training.examples import (
     check_one_topk_size,
     collate,
     load_examples,
+    response_token_ids,
 )
 from draft_training.head_rows import HeadRows
 from draft_training.run import (
@@ -499,8 +500,8 @@ def _train(
     rows = None
     if config.head_rows:
         rows = HeadRows.most_frequent(
-            (record["response_token_ids"] for record in recover_jsonl(config.data)),
-            config.head_rows, model.get_output_embeddings().weight.shape[0]).to(device)
+            response_token_ids(config.data), config.head_rows,
+            model.get_output_embeddings().weight.shape[0]).to(device)
     regress_features = config.feature_weight > 0
     lengths = [len(example.input_ids) for example in examples]
     micro_batches, total_steps = plan_micro_batches(lengths, config)

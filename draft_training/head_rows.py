@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afa_serve.engine.draft_vocab import count_tokens
+from afa_serve.engine.draft_vocab import DraftVocab, count_tokens
 from draft_training.examples import IGNORE_INDEX
 
 
@@ -32,7 +32,12 @@ class HeadRows:
     @classmethod
     def most_frequent(cls, responses: Iterable[Iterable[int]], rows: int,
                       vocab_size: int) -> HeadRows:
-        token_ids = torch.tensor(count_tokens(responses).head_ids(rows), dtype=torch.long)
+        return cls.first_of(count_tokens(responses), rows, vocab_size)
+
+    @classmethod
+    def first_of(cls, vocab: DraftVocab, rows: int, vocab_size: int) -> HeadRows:
+        """The `rows` most frequent tokens of a counted vocabulary."""
+        token_ids = torch.tensor(vocab.head_ids(rows), dtype=torch.long)
         row_of = torch.full((vocab_size,), -1, dtype=torch.long)
         row_of[token_ids] = torch.arange(len(token_ids))
         return cls(token_ids, row_of)

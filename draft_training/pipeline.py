@@ -75,7 +75,7 @@ FULL_FINE_TUNING_LR, ADAPTER_LR = 1e-3, 2e-3
 
 class MissionConfig(BaseModel):
     """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at 20.8 minutes from an empty work folder; see the README). The draft is
+    at about 23.5 minutes from an empty work folder; see the README). The draft is
     fine-tuned in full by default: at 177 k target tokens it reached held-out α 0.233 where
     LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps; an adapter flag
     (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
@@ -96,7 +96,7 @@ class MissionConfig(BaseModel):
     heldout_prompts: tuple[str, ...] = Field(
         DEFAULT_HELDOUT_SETS, description="Prompt sets to hold out for evaluation (repeat the "
         "flag); a set also given to --prompts is split.")
-    num_prompts: int = Field(500, ge=1, description="Training prompts.")
+    num_prompts: int = Field(800, ge=1, description="Training prompts.")
     num_heldout: int = Field(
         48, ge=1, description="Prompts kept out of training, for eval "
         "(WORK/prompts/heldout.jsonl).")
@@ -113,7 +113,7 @@ class MissionConfig(BaseModel):
         20, ge=0, description="The target's top-k log-probabilities per token, for "
         "distillation.")
     adapter: AfaLoraConfig | None = None  # None (default, --method full): every weight
-    steps: int = Field(150, ge=1, description="Most optimiser steps.")
+    steps: int = Field(300, ge=1, description="Most optimiser steps.")
     batch_size: int = Field(16, ge=1, description="Examples per optimiser step.")
     lr: float = Field(FULL_FINE_TUNING_LR, gt=0, description=f"Peak learning rate (default: "
                       f"{FULL_FINE_TUNING_LR:g} for full fine-tuning, {ADAPTER_LR:g} with an "

@@ -3,7 +3,6 @@ frequent response tokens only, on the tiny target and draft of `test_training.py
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,9 +13,10 @@ from transformers import AutoModelForCausalLM
 from afa_serve.atomic import append_jsonl
 from afa_serve.engine.draft_vocab import count_tokens
 from draft_training.agreement import draft_matches, heldout_agreement
-from draft_training.examples import IGNORE_INDEX, collate, load_examples
+from draft_training.examples import IGNORE_INDEX, collate, load_examples, response_token_ids
 from draft_training.fit import fit, response_loss_terms, topk_kl
 from draft_training.head_rows import HeadRows
+from draft_training.merge import merge_run
 from draft_training.run import load_trainable_state, load_trained_weights
 from draft_training.topk_store import attach_topk, topk_dir
 from tests.test_fit_heldout import heldout_file  # noqa: F401 (fixtures)
@@ -48,13 +48,9 @@ def data_file(tmp_path_factory):
     return path
 
 
-def responses(path) -> list[list[int]]:
-    return [json.loads(line)["response_token_ids"] for line in path.read_text().splitlines()]
-
-
 def test_rows_are_the_most_frequent_response_tokens(data_file):
-    rows = HeadRows.most_frequent(responses(data_file), 10, vocab_size=300)
-    ranked = count_tokens(responses(data_file)).token_ids
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 10, vocab_size=300)
+    ranked = count_tokens(response_token_ids(data_file)).token_ids
     assert rows.token_ids.tolist() == sorted(ranked[:10])
     for row, token in enumerate(rows.token_ids.tolist()):
         assert rows.row_of[token] == row
@@ -80,7 +76,7 @@ def test_losses_cover_the_rows_only(draft_dir, data_file):  # noqa: F811 (draft_
     model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
     examples = load_examples(data_file, 512)
     batch = collate(examples[:4], torch.device("cpu"))
-    rows = HeadRows.most_frequent(responses(data_file), 12, model.config.vocab_size)
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 12, model.config.vocab_size)
     terms = response_loss_terms(model, batch, rows=rows)
 
     labelled = batch.labels != IGNORE_INDEX
@@ -100,7 +96,7 @@ def test_heldout_agreement_takes_the_argmax_over_the_rows(
         draft_dir, data_file, heldout_file):  # noqa: F811
     model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
     examples = load_examples(heldout_file, 512)
-    rows = HeadRows.most_frequent(responses(data_file), 12, model.config.vocab_size)
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 12, model.config.vocab_size)
     matches = draft_matches(model, examples, 3, torch.device("cpu"), rows=rows)
     for example, found in zip(examples, matches, strict=True):
         with torch.no_grad():
@@ -120,7 +116,29 @@ def test_fit_with_head_rows_trains_and_evaluates_over_those_rows(
     result = fit(config)
     model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
     load_trainable_state(model, load_trained_weights(result.run_dir).state)
-    rows = HeadRows.most_frequent(responses(data_file), 12, model.config.vocab_size)
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 12, model.config.vocab_size)
     agreement = heldout_agreement(model.eval(), load_examples(heldout_file, 512), 2,
                                   torch.device("cpu"), rows=rows)
     assert result.tau == pytest.approx(agreement.tau)
+
+
+def test_merge_zeroes_the_head_rows_fit_did_not_train(
+        draft_dir, data_file, tmp_path):  # noqa: F811
+    result = fit(fit_config(draft_dir, data_file, tmp_path / "run", adapter=None, head_rows=12,
+                            max_steps=4))
+    report = merge_run(result.run_dir, tmp_path / "merged")
+    trained = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    assert trained.get_output_embeddings().weight is trained.get_input_embeddings().weight
+    load_trainable_state(trained, load_trained_weights(result.run_dir).state)
+    merged = AutoModelForCausalLM.from_pretrained(report.out, dtype=torch.float32)
+
+    assert not merged.config.tie_word_embeddings
+    torch.testing.assert_close(merged.get_input_embeddings().weight,
+                               trained.get_input_embeddings().weight)  # every row as trained
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 12, merged.config.vocab_size)
+    head = merged.get_output_embeddings().weight
+    torch.testing.assert_close(head[rows.token_ids],
+                               trained.get_output_embeddings().weight[rows.token_ids])
+    outside = rows.row_of == -1
+    assert (head[outside] == 0).all() and (head[~outside] != 0).any(dim=1).all()
+    assert report.max_abs_logit_diff < 1e-4  # over the trained rows

@@ -351,7 +351,7 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
     assert (default.adapter, default.lr, default.num_prompts, default.work_dir) == (
-        None, 1e-3, 500, Path("afa-train-work"))
+        None, 1e-3, 800, Path("afa-train-work"))
     assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3  # the adapters' learning rate
     assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
