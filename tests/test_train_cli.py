@@ -347,12 +347,12 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     full = MissionConfig(profile="full")
     assert (full.work_dir, full.num_prompts, full.max_new_tokens, full.adapter, full.lr,
             full.steps, full.eval_every, full.patience) == (
-        Path("afa-train-work-full"), 2000, 256, None, 1e-3, 400, 25, 4)
+        Path("afa-train-work-full"), 2000, 256, None, 2e-3, 400, 25, 4)
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
     assert (default.adapter, default.lr, default.num_prompts, default.work_dir) == (
-        None, 1e-3, 800, Path("afa-train-work"))
-    assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3  # the adapters' learning rate
+        None, 2e-3, 800, Path("afa-train-work"))
+    assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3
     assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
     with pytest.raises(ValueError, match="compare needs the adapters' settings"):
@@ -365,7 +365,7 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert Path(last_line(stdout)) == work / "drafts" / "full"
     run = read_config(work / "runs" / "full")
     assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience) == (
-        None, 1e-3, 2, 25, 4)
+        None, 2e-3, 2, 25, 4)
     assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
 
 
