@@ -77,7 +77,7 @@ DEFAULT_LR = 2e-3
 
 class MissionConfig(BaseModel):
     """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at about 23.5 minutes from an empty work folder; see the README). The draft is
+    at about 24 minutes from an empty work folder; see the README). The draft is
     fine-tuned in full by default: at 177 k target tokens it reached held-out α 0.233 where
     LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps; an adapter flag
     (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
