@@ -164,7 +164,9 @@ def write_prompt_dataset(prompts: list[Prompt], tokenizer_path: str, path: Path)
 class ClientRun:
     """One run of vLLM's benchmark client: every prompt of `dataset` (`write_prompt_dataset`;
     the client skips prompts under 4 or over 1024 tokens) to /v1/completions, in order,
-    streamed, greedy, `max_tokens` tokens each with EOS ignored, `concurrency` at a time."""
+    streamed, greedy, `max_tokens` tokens each (with EOS ignored unless `ignore_eos` is false:
+    then each answer ends where the model ends it, as a real client's does), `concurrency` at a
+    time."""
 
     url: str
     model: str
@@ -173,6 +175,7 @@ class ClientRun:
     num_prompts: int
     max_tokens: int
     concurrency: int
+    ignore_eos: bool = True
 
     def arguments(self) -> list[str]:
         return [
@@ -180,7 +183,7 @@ class ClientRun:
             "--model", self.model, "--tokenizer", self.tokenizer, "--dataset-name", "sharegpt",
             "--dataset-path", str(self.dataset), "--disable-shuffle", "--no-oversample",
             "--num-prompts", str(self.num_prompts), "--sharegpt-output-len", str(self.max_tokens),
-            "--ignore-eos", "--temperature", "0", "--request-rate", "inf",
+            *(["--ignore-eos"] if self.ignore_eos else []), "--temperature", "0", "--request-rate", "inf",
             "--max-concurrency", str(self.concurrency), "--percentile-metrics",
             "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95", "--save-detailed",
             "--disable-tqdm",

@@ -16,7 +16,9 @@ Hugging Face `generate` (assisted or not) is not compared: the standard client n
 
 After a warm-up request, vLLM's benchmark client (`vllm bench serve`, see bench/common.py) sends
 every prompt at concurrency 1, then at `--concurrency`: streamed completions of the prompts as
-the target's chat template renders them, greedy, `max_tokens` tokens each (EOS ignored); not
+the target's chat template renders them, greedy, `max_tokens` tokens each (EOS ignored, so
+every configuration generates the same count; `--no-ignore-eos`: each answer ends where the
+target ends it, as a real client's does, and tok/s counts the tokens generated); not
 chat, whose first chunk (the role) afa-serve sends before the first token, vLLM with it. tok/s,
 TTFT, ITL (per streamed chunk, which may hold several tokens), TPOT (per token) and the texts
 come from the client's saved JSON; acceptance and τ (1 + accepted / drafts) from the server's
@@ -89,6 +91,7 @@ class Settings:
     prompts: str
     num_prompts: int
     concurrencies: list[int]
+    ignore_eos: bool
 
 
 @dataclass
@@ -153,7 +156,7 @@ def run_phases(server: common.Server, s: Settings, dataset: Path, run: ConfigRun
     for concurrency in s.concurrencies:
         before = common.spec_counts(server.url, counters)
         client = common.ClientRun(server.url, SERVED_NAME, s.target, dataset, s.num_prompts,
-                                  s.max_tokens, concurrency)
+                                  s.max_tokens, concurrency, s.ignore_eos)
         result = client.run(dataset.with_name(f"{run.config}-{concurrency}.json"))
         if result["completed"] != s.num_prompts:
             first = next((error for error in result["errors"] if error), "none")
@@ -249,6 +252,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=512 * 1024 * 1024)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="afa-serve's torch engine's threads (default: its own)")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate max-new-tokens per prompt past EOS (vLLM bench's "
+                        "--ignore-eos); --no-ignore-eos ends each answer at EOS")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results/side_by_side.json"))
@@ -292,7 +298,8 @@ def main() -> None:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
         torch_threads=args.torch_threads, prompts=args.prompts, num_prompts=len(prompts),
-        concurrencies=[1, args.concurrency] if args.concurrency > 1 else [1])
+        concurrencies=[1, args.concurrency] if args.concurrency > 1 else [1],
+        ignore_eos=args.ignore_eos)
     info = {**common.machine_info("torch", "vllm", "transformers"),
             "afa_serve": afa_serve.__version__, "load_average_at_start": os.getloadavg()}
     dataset = Path(tempfile.mkdtemp(prefix="side_by_side-")) / "prompts.json"

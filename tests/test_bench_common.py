@@ -56,10 +56,20 @@ def test_headline_is_a_throughput_ratio_and_the_http_overhead_the_share_lost():
     assert heads["afa_torch_plain_vs_vllm_plain"] == {1: None}
 
 
+def test_the_client_ignores_eos_unless_told_to_end_answers_there(tmp_path):
+    def client(**eos: bool) -> list[str]:
+        return common.ClientRun("http://127.0.0.1:1", "m", "t", tmp_path / "d.json", 2, 8, 1,
+                                **eos).arguments()
+
+    assert "--ignore-eos" in client()
+    assert "--ignore-eos" not in client(ignore_eos=False)
+    assert client(ignore_eos=False) == [a for a in client() if a != "--ignore-eos"]
+
+
 SETTINGS = side_by_side.Settings(
     target="some/target", draft="some/draft", k=3, dtype="bfloat16", max_tokens=8,
     max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=1 << 28, enforce_eager=True,
-    torch_threads=2, prompts="mt-bench", num_prompts=2, concurrencies=[1, 4])
+    torch_threads=2, prompts="mt-bench", num_prompts=2, concurrencies=[1, 4], ignore_eos=True)
 
 
 def served_config(monkeypatch, name: str) -> ServeConfig:
