@@ -69,7 +69,8 @@ CONFIGS: dict[str, tuple[Runner, bool]] = {
 # The torch engine's speculation flags beside the draft, by configuration
 TORCH_SPECULATION = {"afa-torch-spec": TORCH_AS_VLLM, "afa-torch-default": []}
 # headline name: (configuration, configuration it is compared with)
-PAIRS = {"http_overhead_vs_vllm": ("afa-vllm-spec", "vllm-spec"),
+PAIRS = {"vllm_spec_vs_vllm_plain": ("vllm-spec", "vllm-plain"),
+         "http_overhead_vs_vllm": ("afa-vllm-spec", "vllm-spec"),
          "afa_torch_spec_vs_vllm_spec": ("afa-torch-spec", "vllm-spec"),
          "afa_torch_plain_vs_vllm_plain": ("afa-torch-plain", "vllm-plain")}
 

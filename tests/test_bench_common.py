@@ -53,6 +53,7 @@ def test_headline_is_a_throughput_ratio_and_the_http_overhead_the_share_lost():
             for c, t in (("vllm-spec", 20.0), ("afa-vllm-spec", 19.0), ("vllm-plain", 25.0))]
     heads = side_by_side.headline(rows, [1])
     assert heads["http_overhead_vs_vllm"][1] == pytest.approx(5.0)
+    assert heads["vllm_spec_vs_vllm_plain"][1] == pytest.approx(80.0)
     assert heads["afa_torch_plain_vs_vllm_plain"] == {1: None}
 
 
