@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -203,6 +204,52 @@ class ClientRun:
             print(tail(log), flush=True)
             raise RuntimeError(f"vLLM's benchmark client failed ({code}), see {log}")
         return json.loads(result.read_text())
+
+
+def slice_dataset(dataset: Path, parts: int) -> list[Path]:
+    """`dataset` (`write_prompt_dataset`) cut in order into `parts` datasets beside it, as
+    evenly as the prompts allow (none empty)."""
+    entries = json.loads(dataset.read_text())
+    if not 1 <= parts <= len(entries):
+        raise ValueError(f"cannot cut {len(entries)} prompts into {parts} slices")
+    bounds = [round(i * len(entries) / parts) for i in range(parts + 1)]
+    paths = [dataset.with_name(f"{dataset.stem}-slice{i}.json") for i in range(parts)]
+    for path, start, end in zip(paths, bounds, bounds[1:], strict=False):
+        path.write_text(json.dumps(entries[start:end]))
+    return paths
+
+
+# Per-request lists of a client result, concatenated when results are pooled
+REQUEST_LISTS = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "generated_texts",
+                 "errors")
+
+
+def pool_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client results (`ClientRun.run`, one client each) as one: their requests in order, the
+    wall time summed, the rates and percentiles recomputed over all requests as vLLM's client
+    computes them (ms; TPOT per request over its tokens after the first)."""
+    pooled: dict[str, Any] = {key: [item for result in results for item in result[key]]
+                              for key in REQUEST_LISTS}
+    duration = sum(result["duration"] for result in results)
+    output_tokens = sum(result["total_output_tokens"] for result in results)
+    ok = [i for i, error in enumerate(pooled["errors"]) if not error]
+    ttfts = [pooled["ttfts"][i] for i in ok]
+    tpots = [(pooled["latencies"][i] - pooled["ttfts"][i]) / (pooled["output_lens"][i] - 1)
+             for i in ok if pooled["output_lens"][i] > 1]
+    itls = [gap for i in ok for gap in pooled["itls"][i]]
+    e2els = [pooled["latencies"][i] for i in ok]
+    pooled.update({
+        "completed": sum(result["completed"] for result in results),
+        "duration": duration, "total_output_tokens": output_tokens,
+        "output_throughput": output_tokens / duration,
+        "rounds": len(results),
+    })
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+        pooled[f"median_{name}_ms"] = float(np.median(values or [0]) * 1000)
+        for percentile in (50, 95):
+            pooled[f"p{percentile}_{name}_ms"] = float(
+                np.percentile(values or [0], percentile) * 1000)
+    return pooled
 
 
 def client_figures(result: dict[str, Any]) -> dict[str, Any]:

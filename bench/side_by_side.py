@@ -24,6 +24,12 @@ TTFT, ITL (per streamed chunk, which may hold several tokens), TPOT (per token) 
 come from the client's saved JSON; acceptance and τ (1 + accepted / drafts) from the server's
 /metrics counters, diffed over each phase; batch-1 texts are compared with afa-torch-plain's.
 The JSON (`--out`) and its markdown table (`.md`) are written after every configuration.
+
+`--rounds N` interleaves instead, against a machine whose speed drifts over minutes: every
+configuration's server starts at once (each idle while another is measured), the prompts are
+cut into N slices in order, and round r sends slice r to each configuration in turn, the order
+rotated every round so each goes first equally often; a configuration's rounds are then pooled
+as one run (tokens over summed wall time, percentiles over all requests). One client only.
 Run it under the vLLM venv (make vllm-cpu) from the repository root:
 
     PYTHONPATH=. .venv-vllm/bin/python bench/side_by_side.py --target T --draft D [options]
@@ -93,6 +99,7 @@ class Settings:
     num_prompts: int
     concurrencies: list[int]
     ignore_eos: bool
+    rounds: int
 
 
 @dataclass
@@ -151,25 +158,27 @@ def warm_up(url: str, max_tokens: int) -> None:
         "ignore_eos": True}).raise_for_status()
 
 
-def run_phases(server: common.Server, s: Settings, dataset: Path, run: ConfigRun) -> None:
-    vllm = CONFIGS[run.config][0] == "vllm"
+def run_phase(server: common.Server, s: Settings, dataset: Path, num_prompts: int,
+              concurrency: int, config: str) -> Phase:
+    """Every prompt of `dataset` through vLLM's benchmark client, with the server's counters."""
+    vllm = CONFIGS[config][0] == "vllm"
     counters = common.VLLM_SPEC_COUNTERS if vllm else common.AFA_SPEC_COUNTERS
-    for concurrency in s.concurrencies:
-        before = common.spec_counts(server.url, counters)
-        client = common.ClientRun(server.url, SERVED_NAME, s.target, dataset, s.num_prompts,
-                                  s.max_tokens, concurrency, s.ignore_eos)
-        result = client.run(dataset.with_name(f"{run.config}-{concurrency}.json"))
-        if result["completed"] != s.num_prompts:
-            first = next((error for error in result["errors"] if error), "none")
-            raise RuntimeError(f"{result['completed']} of {s.num_prompts} requests completed "
-                               f"(prompts over 1024 tokens are dropped); error: {first[-500:]}")
-        spec = common.counts_since(before, common.spec_counts(server.url, counters))
-        run.phases.append(Phase(concurrency, result, spec))
-        print(f"[{run.config}] {concurrency} client(s): {result['duration']:.1f} s", flush=True)
+    before = common.spec_counts(server.url, counters)
+    client = common.ClientRun(server.url, SERVED_NAME, s.target, dataset, num_prompts,
+                              s.max_tokens, concurrency, s.ignore_eos)
+    result = client.run(dataset.with_name(f"{dataset.stem}-{config}-{concurrency}.json"))
+    if result["completed"] != num_prompts:
+        first = next((error for error in result["errors"] if error), "none")
+        raise RuntimeError(f"{result['completed']} of {num_prompts} requests completed "
+                           f"(prompts over 1024 tokens are dropped); error: {first[-500:]}")
+    spec = common.counts_since(before, common.spec_counts(server.url, counters))
+    print(f"[{config}] {concurrency} client(s), {num_prompts} prompts: "
+          f"{result['duration']:.1f} s", flush=True)
+    return Phase(concurrency, result, spec)
 
 
-def measure(name: str, s: Settings, dataset: Path) -> ConfigRun:
-    """Start the configuration's server, run the phases, stop it; a failure is recorded."""
+def launch(name: str, s: Settings, dataset: Path) -> tuple[ConfigRun, common.Server]:
+    """Start the configuration's server and warm it up; a failure is recorded in the run."""
     run = ConfigRun(name)
     port = common.free_port()
     command = server_command(name, s, port)
@@ -181,14 +190,69 @@ def measure(name: str, s: Settings, dataset: Path) -> ConfigRun:
         run.startup_s = time.perf_counter() - started
         print(f"[{name}] ready in {run.startup_s:.0f} s", flush=True)
         warm_up(server.url, s.max_tokens)
-        run_phases(server, s, dataset, run)
     except Exception as error:  # noqa: BLE001 - recorded; the other configurations still run
-        run.error = f"{type(error).__name__}: {error}"
-        print(f"[{name}] FAILED: {run.error}\n--- log tail ({server.log}) ---\n"
-              f"{common.tail(server.log)}\n---", flush=True)
+        record_failure(run, server, error)
+    return run, server
+
+
+def record_failure(run: ConfigRun, server: common.Server, error: Exception) -> None:
+    run.error = f"{type(error).__name__}: {error}"
+    print(f"[{run.config}] FAILED: {run.error}\n--- log tail ({server.log}) ---\n"
+          f"{common.tail(server.log)}\n---", flush=True)
+
+
+def measure(name: str, s: Settings, dataset: Path) -> ConfigRun:
+    """Start the configuration's server, run the phases, stop it; a failure is recorded."""
+    run, server = launch(name, s, dataset)
+    try:
+        for concurrency in s.concurrencies if run.error is None else []:
+            run.phases.append(run_phase(server, s, dataset, s.num_prompts, concurrency, name))
+    except Exception as error:  # noqa: BLE001 - recorded; the other configurations still run
+        record_failure(run, server, error)
     finally:
         server.stop()
     return run
+
+
+def rotated(names: list[str], by: int) -> list[str]:
+    by %= len(names)
+    return names[by:] + names[:by]
+
+
+def pooled_counts(counts: list[SpecDecodeCounts]) -> SpecDecodeCounts:
+    total = SpecDecodeCounts()
+    for part in counts:
+        total.merge(part)
+    return total
+
+
+def measure_interleaved(names: list[str], s: Settings, dataset: Path,
+                        slices: list[Path]) -> list[ConfigRun]:
+    """Every server up at once; round r sends slice r to each configuration in rotated order;
+    each configuration's rounds pooled into one phase (`common.pool_results`)."""
+    launched = [launch(name, s, dataset) for name in names]
+    runs = {run.config: run for run, _ in launched}
+    servers = {run.config: server for run, server in launched}
+    rounds: dict[str, list[Phase]] = {name: [] for name in names}
+    try:
+        for number, part in enumerate(slices):
+            for name in rotated(names, number):
+                if runs[name].error is not None:
+                    continue
+                try:
+                    count = len(json.loads(part.read_text()))
+                    rounds[name].append(run_phase(servers[name], s, part, count, 1, name))
+                except Exception as error:  # noqa: BLE001 - recorded; the others go on
+                    record_failure(runs[name], servers[name], error)
+    finally:
+        for server in servers.values():
+            server.stop()
+    for name, phases in rounds.items():
+        if runs[name].error is None and phases:
+            runs[name].phases.append(Phase(
+                1, common.pool_results([phase.client for phase in phases]),
+                pooled_counts([phase.spec for phase in phases])))
+    return list(runs.values())
 
 
 def summarize(config: str, phase: Phase, reference: list[str] | None) -> dict[str, Any]:
@@ -256,6 +320,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="generate max-new-tokens per prompt past EOS (vLLM bench's "
                         "--ignore-eos); --no-ignore-eos ends each answer at EOS")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="N > 1: every server up at once, the prompts in N slices sent to "
+                        "each configuration in turn (rotated order), one client; beats a "
+                        "machine's drift")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results/side_by_side.json"))
@@ -263,6 +331,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    if args.rounds < 1 or (args.rounds > 1 and args.concurrency > 1):
+        parser.error("--rounds N > 1 measures one client: give --concurrency 1")
     if not vllm_installed():
         parser.error("run it with the vLLM venv's python (make vllm-cpu builds .venv-vllm)")
     return args
@@ -300,17 +370,23 @@ def main() -> None:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
         torch_threads=args.torch_threads, prompts=args.prompts, num_prompts=len(prompts),
         concurrencies=[1, args.concurrency] if args.concurrency > 1 else [1],
-        ignore_eos=args.ignore_eos)
+        ignore_eos=args.ignore_eos, rounds=args.rounds)
     info = {**common.machine_info("torch", "vllm", "transformers"),
             "afa_serve": afa_serve.__version__, "load_average_at_start": os.getloadavg()}
     dataset = Path(tempfile.mkdtemp(prefix="side_by_side-")) / "prompts.json"
     common.write_prompt_dataset(prompts, settings.target, dataset)
     print(f"prompts, server and client logs in {dataset.parent}", flush=True)
-    runs: list[ConfigRun] = []
-    for name in args.configs.split(","):
-        runs.append(measure(name, settings, dataset))
-        # After every configuration, so a run stopped by a time limit keeps what it measured.
-        table = write_results(args, settings, info, runs)
+    names = args.configs.split(",")
+    if args.rounds > 1:
+        runs = measure_interleaved(names, settings, dataset,
+                                   common.slice_dataset(dataset, args.rounds))
+    else:
+        runs = []
+        for name in names:
+            runs.append(measure(name, settings, dataset))
+            # After every configuration, so a run stopped by a time limit keeps what it measured.
+            write_results(args, settings, info, runs)
+    table = write_results(args, settings, info, runs)
     print("\n" + table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if any(run.error for run in runs):

@@ -4,8 +4,10 @@ from vLLM's benchmark client's result, and the side-by-side's afa-serve commands
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -70,7 +72,8 @@ def test_the_client_ignores_eos_unless_told_to_end_answers_there(tmp_path):
 SETTINGS = side_by_side.Settings(
     target="some/target", draft="some/draft", k=3, dtype="bfloat16", max_tokens=8,
     max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=1 << 28, enforce_eager=True,
-    torch_threads=2, prompts="mt-bench", num_prompts=2, concurrencies=[1, 4], ignore_eos=True)
+    torch_threads=2, prompts="mt-bench", num_prompts=2, concurrencies=[1, 4], ignore_eos=True,
+    rounds=1)
 
 
 def served_config(monkeypatch, name: str) -> ServeConfig:
@@ -133,3 +136,51 @@ def test_wait_healthy_returns_once_health_answers_and_fails_when_the_server_exit
     exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match=r"exited \(3\)"):
         common.wait_healthy(f"http://127.0.0.1:{common.free_port()}", exited, timeout_s=30)
+
+
+# A result vLLM's benchmark client saved (one client, 24 prompts, answers ending at EOS)
+SAVED_RUN = Path(__file__).parents[1] / (
+    "bench/results/side_by_side_full_2026-12-01_k1_eos_24_vllm-plain_first.json")
+
+
+def saved_client_result() -> dict:
+    return json.loads(SAVED_RUN.read_text())["runs"][0]["phases"][0]["client"]
+
+
+def test_pooling_one_result_gives_back_the_figures_vllms_client_computed():
+    result = saved_client_result()
+    pooled = common.pool_results([result])
+    for key in ("duration", "total_output_tokens", "output_throughput", "completed"):
+        assert pooled[key] == pytest.approx(result[key])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("median", "p50", "p95"):
+            key = f"{stat}_{name}_ms"
+            assert pooled[key] == pytest.approx(result[key], rel=1e-9), key
+
+
+def test_pooled_rounds_count_tokens_over_summed_wall_time_and_keep_request_order():
+    whole = saved_client_result()
+    halves = []
+    for part, (start, end) in enumerate(((0, 10), (10, 24))):
+        half = {key: whole[key][start:end] for key in common.REQUEST_LISTS}
+        half.update(completed=end - start, duration=5.0 * (part + 1),
+                    total_output_tokens=sum(whole["output_lens"][start:end]))
+        halves.append(half)
+    pooled = common.pool_results(halves)
+    assert pooled["generated_texts"] == whole["generated_texts"]
+    assert pooled["completed"] == 24 and pooled["duration"] == 15.0
+    assert pooled["output_throughput"] == pytest.approx(whole["total_output_tokens"] / 15.0)
+    assert pooled["p95_itl_ms"] == pytest.approx(whole["p95_itl_ms"])  # over all requests
+    assert common.client_figures(pooled)["throughput_tok_s"] == pooled["output_throughput"]
+
+
+def test_slices_cover_the_prompts_in_order_and_rounds_rotate_who_goes_first(tmp_path):
+    dataset = tmp_path / "prompts.json"
+    dataset.write_text(json.dumps(list(range(7))))
+    slices = common.slice_dataset(dataset, 3)
+    assert [json.loads(path.read_text()) for path in slices] == [[0, 1], [2, 3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="cannot cut 7 prompts into 8"):
+        common.slice_dataset(dataset, 8)
+    names = ["vllm-plain", "vllm-spec"]
+    firsts = [side_by_side.rotated(names, r)[0] for r in range(4)]
+    assert firsts == ["vllm-plain", "vllm-spec", "vllm-plain", "vllm-spec"]
