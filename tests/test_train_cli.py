@@ -355,6 +355,14 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3
     assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
+    # a feature draft: a gentler peak after a warm-up, and in the full profile more steps
+    feature = MissionConfig(draft_kind="feature")
+    assert (feature.lr, feature.warmup_steps, feature.steps) == (1e-3, 30, 300)
+    feature_full = MissionConfig(profile="full", draft_kind="feature", lr=5e-4)
+    assert (feature_full.lr, feature_full.warmup_steps, feature_full.steps,
+            feature_full.eval_every, feature_full.patience, feature_full.num_prompts) == (
+        5e-4, 30, 1500, 100, 5, 2000)
+    assert (default.warmup_steps, full.warmup_steps) == (0, 0)
     with pytest.raises(ValueError, match="compare needs the adapters' settings"):
         CompareConfig(mission=MissionConfig(adapter=None))
 
@@ -367,6 +375,12 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience) == (
         None, 2e-3, 2, 25, 4)
     assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
+
+    # a feature draft's fit gets its kind's peak and warm-up, beside the same cached answers
+    stdout, stderr = invoke(*without_rank, "--draft-kind", "feature")
+    assert Path(last_line(stdout)) == work / "drafts" / "feature"
+    run = read_config(work / "runs" / "feature")
+    assert (run.lr, run.warmup_steps, run.max_steps, run.target) == (1e-3, 30, 2, str(target_dir))
 
 
 def test_compare_trains_every_arm_and_writes_table_plots_and_results(
