@@ -4,7 +4,8 @@ own OpenAI server on the same engine, and where afa-serve's torch engine stands 
 Configurations, each server started alone, on the same prompts:
 
     vllm-plain        vLLM's own OpenAI server, no draft
-    vllm-spec         vLLM's own server with the draft (`--speculative-config` draft_model, k)
+    vllm-spec         vLLM's own server with the draft (`--speculative-config` draft_model, k;
+                      eagle for a feature draft)
     afa-vllm-spec     afa-serve on its vLLM engine with the draft, fixed k
     afa-torch-plain   afa-serve on its torch engine, no speculation
     afa-torch-spec    afa-serve on its torch engine with the draft as vLLM runs it (fixed k,
@@ -53,6 +54,7 @@ from transformers import AutoConfig
 import afa_serve
 from afa_serve.atomic import atomic_file, write_json
 from afa_serve.engine.base import SpecDecodeCounts
+from afa_serve.engine.feature_draft import is_feature_draft
 from afa_serve.engine.loading import load_tokenizer, own_vocabulary
 from afa_serve.engine.vllm_support import vllm_installed
 from afa_serve.models.resolve import resolve_model
@@ -135,10 +137,13 @@ def server_command(name: str, s: Settings, port: int) -> list[str]:
         if not speculative:
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                     s.target, *shared, *vllm_engine]
-        spec = json.dumps({"method": "draft_model", "model": s.draft,
-                           "num_speculative_tokens": s.k,
-                           **({"use_heterogeneous_vocab": True}
-                              if draft_has_own_vocabulary(s.draft, s.target) else {})})
+        if is_feature_draft(Path(resolve_model(s.draft))):  # vLLM's EAGLE-1
+            method: dict[str, Any] = {"method": "eagle"}
+        else:
+            method = {"method": "draft_model",
+                      **({"use_heterogeneous_vocab": True}
+                         if draft_has_own_vocabulary(s.draft, s.target) else {})}
+        spec = json.dumps({**method, "model": s.draft, "num_speculative_tokens": s.k})
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", s.target,
                 *shared, *vllm_engine, "--speculative-config", spec]
     afa = [sys.executable, "-m", "afa_serve", "serve", "--target", s.target, *shared,

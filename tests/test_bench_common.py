@@ -4,6 +4,7 @@ from vLLM's benchmark client's result, and the side-by-side's afa-serve commands
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -184,3 +185,14 @@ def test_slices_cover_the_prompts_in_order_and_rounds_rotate_who_goes_first(tmp_
     names = ["vllm-plain", "vllm-spec"]
     firsts = [side_by_side.rotated(names, r)[0] for r in range(4)]
     assert firsts == ["vllm-plain", "vllm-spec", "vllm-plain", "vllm-spec"]
+
+
+def test_vllms_server_speculates_with_a_feature_draft_as_eagle(tmp_path):
+    from afa_serve.engine.feature_draft import FeatureDraft
+    from tests.conftest import tiny_llama
+
+    FeatureDraft.from_target(tiny_llama()).save(tmp_path)
+    settings = dataclasses.replace(SETTINGS, draft=str(tmp_path))
+    command = side_by_side.server_command("vllm-spec", settings, 8123)
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 3}
