@@ -210,8 +210,9 @@ def measure(name: str, s: Settings, dataset: Path) -> ConfigRun:
     """Start the configuration's server, run the phases, stop it; a failure is recorded."""
     run, server = launch(name, s, dataset)
     try:
-        for concurrency in s.concurrencies if run.error is None else []:
-            run.phases.append(run_phase(server, s, dataset, s.num_prompts, concurrency, name))
+        if run.error is None:
+            for concurrency in s.concurrencies:
+                run.phases.append(run_phase(server, s, dataset, s.num_prompts, concurrency, name))
     except Exception as error:  # noqa: BLE001 - recorded; the other configurations still run
         record_failure(run, server, error)
     finally:
@@ -241,11 +242,11 @@ def measure_interleaved(names: list[str], s: Settings, dataset: Path,
     rounds: dict[str, list[Phase]] = {name: [] for name in names}
     try:
         for number, part in enumerate(slices):
+            count = len(json.loads(part.read_text()))
             for name in rotated(names, number):
                 if runs[name].error is not None:
                     continue
                 try:
-                    count = len(json.loads(part.read_text()))
                     rounds[name].append(run_phase(servers[name], s, part, count, 1, name))
                 except Exception as error:  # noqa: BLE001 - recorded; the others go on
                     record_failure(runs[name], servers[name], error)
