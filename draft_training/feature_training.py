@@ -13,9 +13,16 @@ predicted features, which later drafted tokens read, resemble the target's.
 The target's features of an example are computed once, in the dtype the run's autocast gives
 them, and kept for later epochs.
 
-Teacher-forced agreement feeds the target's own features at every row: it is the agreement of
-the first drafted token. Later drafted tokens read the draft's own predictions, so the τ the
-decoder measures (`afa-train eval`, `afa-serve bench`) is below the one this implies.
+Drafted positions (EAGLE-3's training-time test, arXiv 2503.01840). Serving drafts its first
+token from the target's feature and each later one from the draft's own prediction at the
+position before. `forward(positions=n)` runs the draft n times over the sequence to match:
+pass 1 reads the target's features; pass p reads, at row j, pass p − 1's prediction at row
+j − 1, and attends to what the draft's cache holds when it drafts that row as its p-th token:
+pass 1's rows 1..j − p + 1 (the accepted prefix), then row j − p + q of each pass q = 2..p
+(its own earlier drafts). Row j of pass p predicts token j + 1 as the p-th drafted token after
+a target pass that ended at row j − p + 1. `fit --drafted-positions n` trains on all n passes;
+held-out agreement always unrolls `agreement.DEFAULT_K` passes, so its per-position acceptance
+and τ are the decoder's (greedy, on the target's own responses), not a teacher-forced bound.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from afa_serve.engine.feature_draft import FeatureDraft
@@ -52,20 +59,23 @@ class FeatureDraftLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                use_cache: bool = False) -> SimpleNamespace:
-        """Right-padded rows (as `examples.collate` makes them)."""
+                use_cache: bool = False, positions: int = 1) -> SimpleNamespace:
+        """Right-padded rows (as `examples.collate` makes them); `drafted[p]` is pass p + 1's
+        hidden state at every row, `last_hidden_state` pass 1's."""
         features = self.target_features(input_ids, attention_mask)
-        previous = torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], dim=1)
         embeddings = self.target.get_input_embeddings()(input_ids)
         length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device)[None]
-        causal = torch.full((length, length), torch.finfo(torch.float32).min,
-                            device=input_ids.device).triu(1)
-        causal[1:, 0] = torch.finfo(torch.float32).min  # row 0 is not in serving's cache
-        causal = causal[None, None]
-        hidden = self.draft(previous.to(embeddings.dtype), embeddings,
-                            self.rotary(embeddings, positions), causal)
-        return SimpleNamespace(last_hidden_state=hidden, target_features=features)
+        rotary = self.rotary(embeddings, torch.arange(length, device=input_ids.device)[None])
+        past_keys = DynamicCache()
+        previous, drafted = features, []
+        for drafted_position in range(positions):
+            shifted = torch.cat([torch.zeros_like(previous[:, :1]), previous[:, :-1]], dim=1)
+            mask = drafted_position_mask(length, drafted_position, input_ids.device)
+            previous = self.draft(shifted.to(embeddings.dtype), embeddings, rotary, mask[None, None],
+                                  past_keys)
+            drafted.append(previous)
+        return SimpleNamespace(last_hidden_state=drafted[0], drafted=drafted,
+                               target_features=features)
 
     @torch.no_grad()
     def target_features(self, input_ids: torch.Tensor,
@@ -94,3 +104,19 @@ def build_feature_draft_lm(draft_folder: str, target: str) -> FeatureDraftLM:
     model = AutoModelForCausalLM.from_pretrained(resolve_model(target), dtype=torch.float32)
     draft = FeatureDraft.load(resolve_model(draft_folder), torch.float32, torch.device("cpu"))
     return FeatureDraftLM(model, draft)
+
+
+def drafted_position_mask(length: int, drafted_position: int,
+                          device: torch.device) -> torch.Tensor:
+    """The additive mask [length, (p + 1)·length] of pass p + 1 (p = `drafted_position`) over
+    the keys of passes 1..p + 1 in order: row j sees pass 1's rows 1..j − p (row 0, with no
+    feature before it, is not in serving's cache; it sees itself in pass 1 only) and row
+    j − p + q of pass q + 1 for q = 1..p, itself last."""
+    rows = torch.arange(length, device=device)[:, None]
+    columns = torch.arange(length, device=device)[None]
+    blocks = [((columns >= 1) & (columns <= rows - drafted_position))
+              | ((rows == 0) & (columns == 0) & (drafted_position == 0))]
+    blocks += [columns == rows - drafted_position + q for q in range(1, drafted_position + 1)]
+    allowed = torch.cat(blocks, dim=1)
+    return torch.zeros(allowed.shape, device=device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)

@@ -92,6 +92,7 @@ logger = logging.getLogger(__name__)
 MIN_LR_FACTOR = 0.1
 BUCKET_POOL_BATCHES = 32  # batches per length-sorted pool
 TAIL_EPS = 1e-6  # floor of a tail probability before its log
+DRAFTED_POSITION_DECAY = 0.8  # weight ratio of successive drafted positions (EAGLE-3's)
 
 
 @dataclass(frozen=True)
@@ -242,31 +243,57 @@ def response_loss_terms(
     distill: bool = True,
     feature: bool = False,
     rows: HeadRows | None = None,
+    positions: int = 1,
 ) -> LossTerms:
     """CE over the batch's response tokens; top-K KL over those with a teacher (with `distill`);
     for a feature draft with `feature`, EAGLE's regression term: the smooth-L1 from the
     draft's predicted feature to the target's, averaged over the hidden size. With `rows`, the
-    head, its softmax and both losses cover those rows only (`head_rows.py`).
+    head, its softmax and both losses cover those rows only (`head_rows.py`). A feature draft
+    with `positions` > 1 adds the terms of its later drafted positions (`feature_training`),
+    position p weighted `DRAFTED_POSITION_DECAY`^(p − 1).
 
     The head runs on labelled positions only: on 2 CPU cores it dominates a small draft's step
     (a 2-layer SmolLM2 draft trains twice as fast as with logits at every position).
     """
+    unrolled = {"positions": positions} if positions > 1 else {}
     output = model.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    )
-    hidden = output.last_hidden_state
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+        **unrolled)
+    passes = output.drafted if unrolled else [output.last_hidden_state]
     labelled = batch.labels != IGNORE_INDEX
+    targets = output.target_features[labelled].float() if feature else None
+    terms = [_position_terms(model, batch, hidden[labelled], distill, targets, rows)
+             for hidden in passes]
+    weights = [DRAFTED_POSITION_DECAY**position for position in range(len(terms))]
+
+    def weighted(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if values[0] is None:
+            return None
+        return sum(weight * value for weight, value in zip(weights, values, strict=True))
+
+    return LossTerms(weighted([term.ce for term in terms]), weighted([term.kl for term in terms]),
+                     weighted([term.feature for term in terms]))
+
+
+def _position_terms(
+    model: torch.nn.Module,
+    batch: Batch,
+    hidden: torch.Tensor,
+    distill: bool,
+    target_features: torch.Tensor | None,
+    rows: HeadRows | None,
+) -> LossTerms:
+    """One drafted position's terms from its hidden states at the labelled rows."""
     regression = None
-    if feature:
-        regression = F.smooth_l1_loss(hidden[labelled].float(),
-                                       output.target_features[labelled].float(),
-                                       reduction="none").mean(dim=-1).sum()
+    if target_features is not None:
+        regression = F.smooth_l1_loss(hidden.float(), target_features,
+                                      reduction="none").mean(dim=-1).sum()
     head = model.get_output_embeddings()
-    labels = batch.labels[labelled]
+    labels = batch.labels[batch.labels != IGNORE_INDEX]
     if rows is None:
-        logits = head(hidden[labelled])
+        logits = head(hidden)
     else:
-        logits, labels = rows.logits(head, hidden[labelled]), rows.labels(labels)
+        logits, labels = rows.logits(head, hidden), rows.labels(labels)
     teacher = batch.teacher
     if not distill or teacher is None or not bool(teacher.mask.any()):
         return LossTerms(F.cross_entropy(logits.float(), labels, reduction="sum"), None,
@@ -547,7 +574,8 @@ def _train(
             loss_value = ce_value = kl_value = feature_value = 0.0
             for batch in batches:
                 with autocast:
-                    terms = response_loss_terms(model, batch, distill, regress_features, rows)
+                    terms = response_loss_terms(model, batch, distill, regress_features, rows,
+                                                config.drafted_positions)
                     ce = terms.ce / num_label_tokens
                     loss = config.ce_weight * ce
                     if terms.kl is not None:

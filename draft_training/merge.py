@@ -30,6 +30,7 @@ from afa_serve.engine.draft_vocab import count_tokens, write_draft_vocab
 from afa_serve.engine.feature_draft import FeatureDraft
 from afa_serve.models.resolve import resolve_model
 from draft_training.afa_lora import merge
+from draft_training.agreement import DEFAULT_K
 from draft_training.examples import Batch, collate, load_examples, response_token_ids
 from draft_training.feature_training import FeatureDraftLM
 from draft_training.head_rows import HeadRows
@@ -124,17 +125,24 @@ def _samples(config: FitConfig) -> Batch:
 @torch.no_grad()
 def _served_difference(model: FeatureDraftLM, served: FeatureDraftForward,
                        samples: Batch) -> float:
-    """Max |logit difference| between the training module's rows 1.. and the engine's steps."""
-    hidden = model(input_ids=samples.input_ids,
-                   attention_mask=samples.attention_mask).last_hidden_state
-    trained = model.get_output_embeddings()(hidden)
+    """Max |logit difference| between the training module and the engine's steps: at every
+    row, its first drafted token (the target's feature) and the `DEFAULT_K` − 1 drafted after
+    it (the draft's own features), each from the cache the decoder would hold."""
+    passes = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
+                   positions=DEFAULT_K).drafted
+    trained = [model.get_output_embeddings()(hidden) for hidden in passes]
     features = model.target_features(samples.input_ids, samples.attention_mask)
     difference = 0.0
     for row, length in enumerate(samples.attention_mask.sum(dim=1).tolist()):
+        tokens = samples.input_ids[row].tolist()
         cache = served.new_cache()
         for position in range(1, length):
-            logits, _ = served.step(cache, [int(samples.input_ids[row, position])],
-                                    features[row, position - 1][None])
-            difference = max(difference,
-                             (logits - trained[row, position]).abs().max().item())
+            logits, own = served.step(cache, [tokens[position]], features[row, position - 1][None])
+            difference = max(difference, (logits - trained[0][row, position]).abs().max().item())
+            drafted_rows = range(position + 1, min(position + DEFAULT_K, length))
+            for drafted, drafted_row in enumerate(drafted_rows, start=1):
+                logits, own = served.step(cache, [tokens[drafted_row]], own[None])
+                difference = max(difference,
+                                 (logits - trained[drafted][row, drafted_row]).abs().max().item())
+            cache.crop(position)  # rows 1..position: the accepted prefix
     return difference

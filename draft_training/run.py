@@ -103,6 +103,11 @@ class FitConfig(BaseModel):
         0.0, ge=0, description="Feature drafts: weight of EAGLE's regression term, the "
         "smooth-L1 from the draft's predicted feature to the target's at each response token "
         "(averaged over the hidden size).")
+    drafted_positions: int = Field(
+        1, ge=1, le=8, description="Feature drafts: train drafted positions 1..N, position "
+        "p > 1 reading the draft's own predicted feature as serving does (EAGLE-3's "
+        "training-time test); position p's loss is weighted 0.8^(p − 1). 1: the target's "
+        "features only (EAGLE-1).")
     head_rows: int = Field(
         0, ge=0, description="Train the head over the N tokens most frequent in DATA's "
         "responses only, the rows the engines' trimmed heads serve (8192: vLLM's trim-vocab; "
@@ -143,7 +148,7 @@ class FitConfig(BaseModel):
         self, handler: SerializerFunctionWrapHandler
     ) -> dict[str, Any]:
         # the mission's step keys stay as they were before `target`, `feature_weight`,
-        # `scored_data` and `head_rows` existed
+        # `scored_data`, `head_rows` and `drafted_positions` existed
         data = handler(self)
         if self.target is None:
             data.pop("target", None)
@@ -153,6 +158,8 @@ class FitConfig(BaseModel):
             data.pop("scored_data", None)
         if self.head_rows == 0:
             data.pop("head_rows", None)
+        if self.drafted_positions == 1:
+            data.pop("drafted_positions", None)
         return data
 
 
@@ -206,9 +213,9 @@ def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
         if config.adapter is not None:
             raise ValueError("a feature draft (5 M parameters) trains in full: --method full")
         return build_feature_draft_lm(config.draft, config.target)
-    if config.target is not None or config.feature_weight > 0:
+    if config.target is not None or config.feature_weight > 0 or config.drafted_positions > 1:
         raise ValueError(f"{config.draft} is not a feature draft: it reads no target (drop "
-                         f"--target and --feature-weight)")
+                         f"--target, --feature-weight and --drafted-positions)")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft), dtype=torch.float32)
     if config.adapter is None:
         model.requires_grad_(True)

@@ -13,6 +13,7 @@ from afa_serve.engine.draft_forward import FeatureDraftForward
 from afa_serve.engine.feature_draft import ARCHITECTURE, FeatureDraft, is_feature_draft
 from afa_serve.engine.speculative import SpeculativeDecoder
 from afa_serve.engine.verify import SamplingSettings
+from draft_training.feature_training import FeatureDraftLM
 from tests.conftest import DEVICES, tiny_llama
 from tests.test_verify import TARGET_SEED, sampling_p_value
 
@@ -66,6 +67,35 @@ def test_serving_steps_equal_the_training_module_over_the_sequence(head_ids, dev
     cache.crop(-4)  # a rejected draft
     _, own = forward.step(cache, tokens[26:28], features[26:28])
     torch.testing.assert_close(own, expected[27], **close)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["alone", "right-padded"])
+def test_drafted_positions_equal_the_engine_drafting_from_its_own_features(padded):
+    """`FeatureDraftLM(positions=4)`: pass p at row j is the engine's p-th drafted token after
+    a target pass that gave features up to row j − p (its cache: rows 1..j − p + 1 from the
+    target's features, then its own drafts), at every j, for a row alone or right-padded."""
+    target = tiny_llama(layers=2, seed=0)
+    draft = trained_looking(target)
+    model = FeatureDraftLM(target, draft).eval()
+    forward = FeatureDraftForward(draft, target)
+    generator = torch.Generator().manual_seed(5)
+    length = 24
+    input_ids = torch.randint(27, (2, length + 6), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if padded:
+        attention_mask[0, length:] = 0  # row 0 is `length` tokens, then padding
+    with torch.no_grad():
+        passes = model(input_ids, attention_mask, positions=4).drafted
+    features = model.target_features(input_ids, attention_mask)[0]
+    tokens = input_ids[0].tolist()
+    for accepted in range(1, length - 3):
+        cache = forward.new_cache()
+        _, own = forward.step(cache, tokens[1 : accepted + 1], features[:accepted])
+        torch.testing.assert_close(own, passes[0][0, accepted], rtol=1e-5, atol=1e-5)
+        for drafted in range(1, 4):
+            _, own = forward.step(cache, [tokens[accepted + drafted]], own[None])
+            torch.testing.assert_close(own, passes[drafted][0, accepted + drafted],
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_the_folder_is_vllms_eagle_format_and_round_trips(tmp_path):

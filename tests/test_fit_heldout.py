@@ -254,6 +254,20 @@ def test_agreement_on_hand_made_match_sequences():
         agreement_from_matches([])
 
 
+def test_a_feature_drafts_run_lengths_read_each_drafted_positions_own_matches():
+    # [p, t]: whether drafted position p + 1's pass is right at response position t
+    per_position = torch.tensor([[1, 1, 0, 1, 1],
+                                 [0, 1, 1, 1, 0],
+                                 [1, 1, 1, 0, 1]], dtype=torch.bool)
+    # from t: position 1 at t, position 2 at t + 1, position 3 at t + 2, then position 3 on
+    assert run_lengths(per_position, 3).tolist() == [3, 2, 0, 1, 1]
+    assert run_lengths(per_position[:1], 4).tolist() == run_lengths(per_position[0], 4).tolist()
+    agreement = agreement_from_matches([per_position], k=3)
+    assert agreement.alpha == 4 / 5  # the first drafted position's matches
+    assert agreement.tau == pytest.approx(1 + 7 / 5)
+    assert agreement.acceptance_per_position == pytest.approx((4 / 5, 2 / 5, 1 / 5))
+
+
 def test_heldout_agreement_is_the_drafts_argmax_against_the_response(
     draft_dir,  # noqa: F811
     heldout_file,

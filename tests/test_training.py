@@ -403,6 +403,44 @@ def test_a_feature_draft_trains_beside_its_target_merges_and_serves(
                 == plain.generate(prompt, 24, greedy).token_ids)
 
 
+def test_drafted_positions_add_each_later_positions_loss_at_eagle3s_weights(
+    target_dir, data_file, tmp_path
+):
+    """`drafted_positions`: position p's cross-entropy (the pass that reads the draft's own
+    features, `feature_training`) joins the loss weighted 0.8^(p − 1); fit trains on it and
+    records it, and a draft that reads no features refuses it."""
+    from draft_training.examples import IGNORE_INDEX, collate, load_examples
+    from draft_training.feature_training import build_feature_draft_lm
+    from draft_training.fit import response_loss_terms
+
+    init = init_draft(InitDraftConfig(target=str(target_dir), kind="feature",
+                                      out=tmp_path / "init"))
+    model = build_feature_draft_lm(str(init), str(target_dir))
+    batch = collate(load_examples(data_file, 128)[:3], torch.device("cpu"))
+    labelled = batch.labels != IGNORE_INDEX
+    with torch.no_grad():
+        passes = model(batch.input_ids, batch.attention_mask, positions=3).drafted
+        head = model.get_output_embeddings()
+        per_position = [torch.nn.functional.cross_entropy(
+            head(hidden[labelled]), batch.labels[labelled], reduction="sum")
+            for hidden in passes]
+        terms = response_loss_terms(model, batch, distill=False, positions=3)
+    assert per_position[1] != per_position[0]  # a later position reads other features
+    expected = per_position[0] + 0.8 * per_position[1] + 0.64 * per_position[2]
+    torch.testing.assert_close(terms.ce, expected, rtol=1e-5, atol=1e-4)
+
+    run = fit_config(init, data_file, tmp_path / "run", adapter=None, target=str(target_dir),
+                     drafted_positions=3, max_steps=4)
+    fit(run)
+    losses = [record["loss"] for record in metrics(run.out)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert json.loads((run.out / "config.json").read_text())["drafted_positions"] == 3
+    truncated = init_draft(InitDraftConfig(target=str(target_dir), out=tmp_path / "truncated"))
+    with pytest.raises(ValueError, match="not a feature draft"):
+        fit(fit_config(truncated, data_file, tmp_path / "stray", adapter=None,
+                       drafted_positions=2))
+
+
 def test_the_feature_regression_term_is_eagles_smooth_l1_and_trains(
     target_dir, data_file, tmp_path
 ):

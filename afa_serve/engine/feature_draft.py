@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, PretrainedConfig
+from transformers import Cache, LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 ARCHITECTURE = "EagleLlamaForCausalLM"
@@ -82,9 +82,13 @@ class FeatureDraft(nn.Module):
 
     def forward(self, features: torch.Tensor, embeddings: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None,
+                past_keys: Cache | None = None) -> torch.Tensor:
+        """`past_keys`: keys and values of earlier passes the rows also attend to (the mask
+        spans them, then these rows); this pass's are added to it."""
         x = self.fc(torch.cat([embeddings, features], dim=-1))
-        out = self.layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings)
+        out = self.layer(x, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                         past_key_values=past_keys)
         return out[0] if isinstance(out, tuple) else out
 
     def save(self, folder: Path) -> None:
