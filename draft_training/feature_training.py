@@ -20,7 +20,7 @@ pass 1 reads the target's features; pass p reads, at row j, pass p − 1's predi
 j − 1, and attends to what the draft's cache holds when it drafts that row as its p-th token:
 pass 1's rows 1..j − p + 1 (the accepted prefix), then row j − p + q of each pass q = 2..p
 (its own earlier drafts). Row j of pass p predicts token j + 1 as the p-th drafted token after
-a target pass that ended at row j − p + 1. `fit --drafted-positions n` trains on all n passes;
+a target pass that gave features up to row j − p (and token j − p + 1). `fit --drafted-positions n` trains on all n passes;
 held-out agreement always unrolls `agreement.DEFAULT_K` passes, so its per-position acceptance
 and τ are the decoder's (greedy, on the target's own responses), not a teacher-forced bound.
 """

@@ -98,6 +98,41 @@ def test_drafted_positions_equal_the_engine_drafting_from_its_own_features(padde
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_heldout_matches_of_a_feature_draft_are_its_drafting_per_position():
+    """`draft_matches` on a feature draft: row p of an example's [k, n] matches is whether the
+    engine, drafting from its own features, gets the response token at each position right as
+    its (p + 1)-th drafted token; examples of different lengths batched together."""
+    from draft_training.agreement import draft_matches
+    from draft_training.examples import Example
+
+    target = tiny_llama(vocab_size=5, layers=2, seed=0)  # 5 tokens: many matches and misses
+    draft = trained_looking(target)
+    model = FeatureDraftLM(target, draft).eval()
+    forward = FeatureDraftForward(draft, target)
+    generator = torch.Generator().manual_seed(7)
+    examples = [Example(tuple(torch.randint(5, (length,), generator=generator).tolist()), 5)
+                for length in (20, 14, 17)]
+    found = draft_matches(model, examples, 2, torch.device("cpu"), k=3)
+    pooled = torch.cat(found, dim=1)
+    assert pooled.any(dim=1).all() and not pooled.all(dim=1).any()
+    assert not torch.equal(pooled[0], pooled[1])  # the later passes read other features
+    for example, matches in zip(examples, found, strict=True):
+        tokens = list(example.input_ids)
+        features = model.target_features(torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.long))[0]
+        assert matches.shape == (3, len(tokens) - 5)
+        for position in range(5, len(tokens)):  # the response token at `position`...
+            for drafted in range(3):  # ... as the (drafted + 1)-th token after a target pass
+                accepted = position - 1 - drafted  # rows 1..accepted from the target's features
+                if accepted < 1:
+                    continue
+                cache = forward.new_cache()
+                logits, own = forward.step(cache, tokens[1 : accepted + 1], features[:accepted])
+                for row in range(accepted + 1, position):
+                    logits, own = forward.step(cache, [tokens[row]], own[None])
+                wanted = int(logits.argmax()) == tokens[position]
+                assert bool(matches[drafted, position - 5]) == wanted, (position, drafted)
+
+
 def test_the_folder_is_vllms_eagle_format_and_round_trips(tmp_path):
     target = tiny_llama(layers=2, seed=0)
     draft = trained_looking(target)
