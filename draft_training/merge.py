@@ -128,10 +128,10 @@ def _served_difference(model: FeatureDraftLM, served: FeatureDraftForward,
     """Max |logit difference| between the training module and the engine's steps: at every
     row, its first drafted token (the target's feature) and the `DEFAULT_K` − 1 drafted after
     it (the draft's own features), each from the cache the decoder would hold."""
-    passes = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
-                   positions=DEFAULT_K).drafted
-    trained = [model.get_output_embeddings()(hidden) for hidden in passes]
-    features = model.target_features(samples.input_ids, samples.attention_mask)
+    output = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask,
+                   positions=DEFAULT_K)
+    trained = [model.get_output_embeddings()(hidden) for hidden in output.drafted]
+    features = output.target_features
     difference = 0.0
     for row, length in enumerate(samples.attention_mask.sum(dim=1).tolist()):
         tokens = samples.input_ids[row].tolist()
