@@ -106,6 +106,24 @@ def build_feature_draft_lm(draft_folder: str, target: str) -> FeatureDraftLM:
     return FeatureDraftLM(model, draft)
 
 
+def reachable_rows(input_ids: torch.Tensor, labels: torch.Tensor,
+                   positions: int) -> list[torch.Tensor]:
+    """Per drafted position, the rows [batch, length] a greedy decoder drafts from as that
+    position. Pass p's row j reads rows j − p + 2..j as tokens the draft proposed and the
+    target accepted, so each must be what the target predicts there (`labels` one row before):
+    always so inside the target's own responses; in text it only scored (`fit --scored-data`)
+    a row after a token the target would not have written is a state serving never reaches.
+    Pass 1 reads no drafted token: every row."""
+    follows = torch.zeros_like(labels, dtype=torch.bool)
+    follows[:, 1:] = input_ids[:, 1:] == labels[:, :-1]
+    reachable = [torch.ones_like(follows)]
+    for _ in range(1, positions):
+        after_reachable = torch.zeros_like(follows)
+        after_reachable[:, 1:] = reachable[-1][:, :-1]
+        reachable.append(follows & after_reachable)
+    return reachable
+
+
 def drafted_position_mask(length: int, drafted_position: int,
                           device: torch.device) -> torch.Tensor:
     """The additive mask [length, (p + 1)·length] of pass p + 1 (p = `drafted_position`) over

@@ -60,11 +60,13 @@ from draft_training.examples import (
     IGNORE_INDEX,
     Batch,
     Example,
+    Teacher,
     check_one_topk_size,
     collate,
     load_examples,
     response_token_ids,
 )
+from draft_training.feature_training import reachable_rows
 from draft_training.head_rows import HeadRows
 from draft_training.run import (
     FitConfig,
@@ -250,7 +252,8 @@ def response_loss_terms(
     draft's predicted feature to the target's, averaged over the hidden size. With `rows`, the
     head, its softmax and both losses cover those rows only (`head_rows.py`). A feature draft
     with `positions` > 1 adds the terms of its later drafted positions (`feature_training`),
-    position p weighted `DRAFTED_POSITION_DECAY`^(p − 1).
+    position p weighted `DRAFTED_POSITION_DECAY`^(p − 1), over the rows serving drafts from
+    as position p (`reachable_rows`).
 
     The head runs on labelled positions only: on 2 CPU cores it dominates a small draft's step
     (a 2-layer SmolLM2 draft trains twice as fast as with logits at every position).
@@ -261,9 +264,14 @@ def response_loss_terms(
         **unrolled)
     passes = output.drafted if unrolled else [output.last_hidden_state]
     labelled = batch.labels != IGNORE_INDEX
-    targets = output.target_features[labelled].float() if feature else None
-    terms = [_position_terms(model, batch, hidden[labelled], distill, targets, rows)
-             for hidden in passes]
+    targets = _LabelledTargets.of(batch, labelled, distill, rows,
+                                  output.target_features if feature else None)
+    head = model.get_output_embeddings()
+    terms = [_position_terms(head, passes[0][labelled], targets, rows)]
+    if unrolled:
+        reachable = reachable_rows(batch.input_ids, batch.labels, positions)
+        terms += [_position_terms(head, hidden[labelled], targets, rows, kept[labelled])
+                  for hidden, kept in zip(passes[1:], reachable[1:], strict=True)]
     weights = [DRAFTED_POSITION_DECAY**position for position in range(len(terms))]
 
     def weighted(values: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -275,37 +283,59 @@ def response_loss_terms(
                      weighted([term.feature for term in terms]))
 
 
+@dataclass(frozen=True)
+class _LabelledTargets:
+    """What each drafted position is compared with, one row per labelled position (row-major):
+    the same for every position, so computed once per batch."""
+
+    labels: torch.Tensor  # [N]; head-row indices with `rows`
+    teacher: Teacher | None  # None: no distillation for this batch; ids as head-row indices
+    features: torch.Tensor | None  # [N, hidden] float32: the target's, for the regression term
+
+    @classmethod
+    def of(cls, batch: Batch, labelled: torch.Tensor, distill: bool, rows: HeadRows | None,
+           target_features: torch.Tensor | None) -> _LabelledTargets:
+        labels = batch.labels[labelled]
+        teacher = batch.teacher
+        if not distill or teacher is None or not bool(teacher.mask.any()):
+            teacher = None
+        elif rows is not None:
+            teacher = Teacher(rows.row_of[teacher.token_ids], teacher.logprobs, teacher.mask)
+        features = None if target_features is None else target_features[labelled].float()
+        return cls(labels if rows is None else rows.labels(labels), teacher, features)
+
+
 def _position_terms(
-    model: torch.nn.Module,
-    batch: Batch,
+    head: torch.nn.Module,
     hidden: torch.Tensor,
-    distill: bool,
-    target_features: torch.Tensor | None,
+    targets: _LabelledTargets,
     rows: HeadRows | None,
+    kept: torch.Tensor | None = None,
 ) -> LossTerms:
-    """One drafted position's terms from its hidden states at the labelled rows."""
+    """One drafted position's terms from its hidden states at the labelled rows, over the
+    rows `kept` marks (all when None)."""
+    labels, teacher, features = targets.labels, targets.teacher, targets.features
+    if kept is not None:
+        hidden, labels = hidden[kept], labels[kept]
+        features = None if features is None else features[kept]
+        if teacher is not None:
+            teacher = Teacher(teacher.token_ids[kept], teacher.logprobs[kept], teacher.mask[kept])
     regression = None
-    if target_features is not None:
-        regression = F.smooth_l1_loss(hidden.float(), target_features,
+    if features is not None:
+        regression = F.smooth_l1_loss(hidden.float(), features,
                                       reduction="none").mean(dim=-1).sum()
-    head = model.get_output_embeddings()
-    labels = batch.labels[batch.labels != IGNORE_INDEX]
-    if rows is None:
-        logits = head(hidden)
-    else:
-        logits, labels = rows.logits(head, hidden), rows.labels(labels)
-    teacher = batch.teacher
-    if not distill or teacher is None or not bool(teacher.mask.any()):
+    logits = head(hidden) if rows is None else rows.logits(head, hidden)
+    if teacher is None:
         return LossTerms(F.cross_entropy(logits.float(), labels, reduction="sum"), None,
                          regression)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     ce = F.nll_loss(log_probs, labels, reduction="sum")
-    teacher_ids = teacher.token_ids if rows is None else rows.row_of[teacher.token_ids]
     if bool(teacher.mask.all()):  # no copy of the [N, V] log-probs when every row has one
-        kl = topk_kl_from_log_probs(log_probs, teacher_ids, teacher.logprobs)
+        kl = topk_kl_from_log_probs(log_probs, teacher.token_ids, teacher.logprobs)
     else:
         mask = teacher.mask
-        kl = topk_kl_from_log_probs(log_probs[mask], teacher_ids[mask], teacher.logprobs[mask])
+        kl = topk_kl_from_log_probs(log_probs[mask], teacher.token_ids[mask],
+                                    teacher.logprobs[mask])
     return LossTerms(ce, kl, regression)
 
 

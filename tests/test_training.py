@@ -417,15 +417,27 @@ def test_drafted_positions_add_each_later_positions_loss_at_eagle3s_weights(
                                       out=tmp_path / "init"))
     model = build_feature_draft_lm(str(init), str(target_dir))
     batch = collate(load_examples(data_file, 128)[:3], torch.device("cpu"))
-    labelled = batch.labels != IGNORE_INDEX
+    labels = batch.labels
     with torch.no_grad():
         passes = model(batch.input_ids, batch.attention_mask, positions=3).drafted
         head = model.get_output_embeddings()
-        per_position = [torch.nn.functional.cross_entropy(
-            head(hidden[labelled]), batch.labels[labelled], reduction="sum")
-            for hidden in passes]
+
+        def cross_entropy(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(head(hidden[rows]), labels[rows],
+                                                     reduction="sum")
+
+        labelled = labels != IGNORE_INDEX
+        # position p reads the p − 1 tokens before its row as drafted: rows whose p − 1
+        # previous tokens are inside the response (the target's own, so what it predicts)
+        response = torch.zeros_like(labelled)
+        response[:, 1:] = labelled[:, :-1]
+        second = labelled & response
+        third = second & torch.roll(response, 1, dims=1)
+        per_position = [cross_entropy(passes[0], labelled), cross_entropy(passes[1], second),
+                        cross_entropy(passes[2], third)]
         terms = response_loss_terms(model, batch, distill=False, positions=3)
     assert per_position[1] != per_position[0]  # a later position reads other features
+    assert labelled.sum() > second.sum() > third.sum() > 0
     expected = per_position[0] + 0.8 * per_position[1] + 0.64 * per_position[2]
     torch.testing.assert_close(terms.ce, expected, rtol=1e-5, atol=1e-4)
 
@@ -439,6 +451,29 @@ def test_drafted_positions_add_each_later_positions_loss_at_eagle3s_weights(
     with pytest.raises(ValueError, match="not a feature draft"):
         fit(fit_config(truncated, data_file, tmp_path / "stray", adapter=None,
                        drafted_positions=2))
+
+
+def test_later_drafted_positions_skip_rows_serving_never_drafts_from():
+    """Position p's row j reads tokens j − p + 2..j as drafts the target accepted: in text the
+    target only scored (`--scored-data`), a token it would not have written (its label one
+    row before differs) takes every row whose later positions read it out of their loss."""
+    from draft_training.examples import IGNORE_INDEX
+    from draft_training.feature_training import reachable_rows
+
+    ignore = IGNORE_INDEX
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    own = torch.tensor([[ignore, 3, 4, 5, 6, 7, ignore]])  # the target wrote 3..7
+    assert [rows.tolist()[0] for rows in reachable_rows(input_ids, own, 3)] == [
+        [True] * 7,
+        [False, False, True, True, True, True, True],
+        [False, False, False, True, True, True, True],
+    ]
+    scored = torch.tensor([[ignore, 3, 9, 5, 6, 7, ignore]])  # at row 2 it predicted 9, not 4
+    assert [rows.tolist()[0] for rows in reachable_rows(input_ids, scored, 3)] == [
+        [True] * 7,
+        [False, False, True, False, True, True, True],
+        [False, False, False, False, False, True, True],
+    ]
 
 
 def test_the_feature_regression_term_is_eagles_smooth_l1_and_trains(
