@@ -49,7 +49,13 @@ from draft_training.fit import fit, resume
 from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
 from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfig, init_draft
 from draft_training.merge import merge_run
-from draft_training.run import FitConfig, config_path, final_path, read_config
+from draft_training.run import (
+    DRAFTED_POSITIONS_HELP,
+    FitConfig,
+    config_path,
+    final_path,
+    read_config,
+)
 from draft_training.topk_store import topk_dir
 from draft_training.trim_vocab import DEFAULT_ROWS, trim_vocabulary
 
@@ -130,6 +136,7 @@ class MissionConfig(BaseModel):
                               "the peak; 30 for a feature draft.")
     kl_weight: float = Field(
         1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
+    drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
     head_rows: int = Field(
         DEFAULT_ROWS, ge=0, description="Train the draft's head over the target's N most "
         "frequent response tokens only, the rows the engines serve (vLLM's trimmed vocabulary; "
@@ -157,6 +164,9 @@ class MissionConfig(BaseModel):
     def _feature_drafts_train_in_full(self) -> MissionConfig:
         if self.draft_kind == "feature" and self.adapter is not None:
             raise ValueError("a feature draft trains in full: drop the adapter (--method full)")
+        if self.draft_kind != "feature" and self.drafted_positions > 1:
+            raise ValueError("only a feature draft reads its own drafted positions: drop "
+                             "--drafted-positions or add --draft-kind feature")
         return self
 
     @property
@@ -421,6 +431,7 @@ def draft_fit_config(
         seed=config.seed,
         device=config.device,
         kl_weight=config.kl_weight,
+        drafted_positions=config.drafted_positions,
         head_rows=config.head_rows,
         **evaluation,
     )

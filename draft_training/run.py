@@ -63,6 +63,11 @@ from draft_training.afa_lora import (
 )
 from draft_training.feature_training import FeatureDraftLM, build_feature_draft_lm
 
+DRAFTED_POSITIONS_HELP = (
+    "Feature drafts: train drafted positions 1..N, position p > 1 reading the draft's own "
+    "predicted feature as serving does (EAGLE-3's training-time test); position p's loss is "
+    "weighted 0.8^(p − 1). 1: the target's features only (EAGLE-1).")
+
 
 class FitConfig(BaseModel):
     """Everything a run depends on. `adapter=None` means full fine-tuning of the draft."""
@@ -103,11 +108,7 @@ class FitConfig(BaseModel):
         0.0, ge=0, description="Feature drafts: weight of EAGLE's regression term, the "
         "smooth-L1 from the draft's predicted feature to the target's at each response token "
         "(averaged over the hidden size).")
-    drafted_positions: int = Field(
-        1, ge=1, le=8, description="Feature drafts: train drafted positions 1..N, position "
-        "p > 1 reading the draft's own predicted feature as serving does (EAGLE-3's "
-        "training-time test); position p's loss is weighted 0.8^(p − 1). 1: the target's "
-        "features only (EAGLE-1).")
+    drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
     head_rows: int = Field(
         0, ge=0, description="Train the head over the N tokens most frequent in DATA's "
         "responses only, the rows the engines' trimmed heads serve (8192: vLLM's trim-vocab; "

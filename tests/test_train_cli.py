@@ -381,6 +381,13 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert Path(last_line(stdout)) == work / "drafts" / "feature"
     run = read_config(work / "runs" / "feature")
     assert (run.lr, run.warmup_steps, run.max_steps, run.target) == (1e-3, 30, 2, str(target_dir))
+    assert run.drafted_positions == 1
+    # its later drafted positions trained too (EAGLE-3's training-time test): a new fit
+    stdout, stderr = invoke(*without_rank, "--draft-kind", "feature", "--drafted-positions", "2")
+    assert "[run]  fit-feature" in stderr and "[skip] generate" in stderr
+    assert read_config(work / "runs" / "feature").drafted_positions == 2
+    with pytest.raises(ValueError, match="only a feature draft"):
+        MissionConfig(drafted_positions=2)
 
 
 def test_compare_trains_every_arm_and_writes_table_plots_and_results(
