@@ -17,6 +17,7 @@ into `topk_store.topk_dir(out)` -- before the batch's records, which point into 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from rich.progress import (
 from transformers import AttentionInterface, GenerationConfig, PreTrainedTokenizerBase
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from afa_serve.atomic import append_jsonl, recover_jsonl
+from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.loading import (
     DeviceName,
@@ -333,11 +334,34 @@ def check_same_prompts(records: list[dict], prompts: dict[str, Prompt],
             )
 
 
-def generate_responses(config: GenerateConfig) -> GenerateSummary:
+def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
+    """(id, prompt) of every prompt to answer; ids are what a resumed run skips by."""
     prompts = load_prompts(config.prompts, config.limit)
     keyed = [(prompt.id or str(index), prompt) for index, prompt in enumerate(prompts)]
     if len({key for key, _ in keyed}) != len(keyed):
         raise ValueError(f"prompt ids in {config.prompts} are not unique: cannot resume by id")
+    return keyed
+
+
+def keep_answers_to_asked_prompts(config: GenerateConfig) -> int:
+    """Drop from `config.out` the answers to prompts its prompt file no longer asks (by id,
+    with the same token ids), so that `generate_responses` resumes from the rest: a mission
+    whose prompt list grew keeps what it already generated. Returns the answers kept; the
+    top-k shards stay (a shard no record points into is harmless)."""
+    asked = dict(_keyed_prompts(config))
+    tokenizer = load_tokenizer(config.target)
+    kept = [
+        record for record in recover_jsonl(config.out)
+        if record["id"] in asked and record["prompt_token_ids"] == prompt_token_ids(
+            asked[record["id"]], tokenizer, chat=config.chat)
+    ]
+    with atomic_file(config.out) as temporary:
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return len(kept)
+
+
+def generate_responses(config: GenerateConfig) -> GenerateSummary:
+    keyed = _keyed_prompts(config)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     existing = recover_jsonl(config.out)
     check_topk_setting(existing, config.top_k_logprobs, config.out)

@@ -46,7 +46,12 @@ from afa_serve.models.resolve import resolve_model
 from afa_serve.prompts import Prompt, load_prompts, text_key
 from draft_training.afa_lora import AfaLoraConfig, full_means_no_adapter
 from draft_training.fit import fit, resume
-from draft_training.generate import DEFAULT_BATCH_SIZE, GenerateConfig, generate_responses
+from draft_training.generate import (
+    DEFAULT_BATCH_SIZE,
+    GenerateConfig,
+    generate_responses,
+    keep_answers_to_asked_prompts,
+)
 from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfig, init_draft
 from draft_training.merge import merge_run
 from draft_training.run import (
@@ -196,6 +201,12 @@ class WorkDir:
     def marker(self, name: str) -> Path:
         return self.root / "steps" / f"{name}.json"
 
+    def ran_with(self, name: str, inputs: Any) -> bool:
+        """Whether the step last ran (or started) with these inputs, whatever its upstream
+        steps were."""
+        marker = self.marker(name)
+        return marker.exists() and json.loads(marker.read_text()).get("inputs_key") == _key(inputs)
+
     def step(
         self,
         name: str,
@@ -220,7 +231,7 @@ class WorkDir:
             return StepOutcome(name, key, output, ran=False, seconds=recorded["seconds"])
         stale = recorded["key"] != key if recorded is not None else output.exists()
         self.log(f"[run]  {name} → {output}")
-        write_json(marker, {"key": key, "output": str(output),
+        write_json(marker, {"key": key, "inputs_key": _key(inputs), "output": str(output),
                             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         started = time.monotonic()
         action(stale)
@@ -229,6 +240,7 @@ class WorkDir:
             marker,
             {
                 "key": key,
+                "inputs_key": _key(inputs),
                 "output": str(output),
                 "seconds": seconds,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -350,17 +362,22 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
 def generate_step(
     work: WorkDir, name: str, config: GenerateConfig, prompts_step: StepOutcome
 ) -> StepOutcome:
-    """The target's responses to a prompt file: resumed where a killed run left it, started
-    afresh when the inputs changed."""
+    """The target's responses to a prompt file: resumed where a killed run left it; when only
+    the prompts changed (say `--num-prompts` grew), the answers to prompts still asked are kept;
+    started afresh when any other input changed."""
+    inputs = config.model_dump(mode="json")
+    only_prompts_changed = work.ran_with(name, inputs)
 
     def generate(stale: bool) -> None:
-        if stale:
+        if stale and only_prompts_changed:
+            kept = keep_answers_to_asked_prompts(config)
+            work.log(f"[keep] {name}: {kept} answers to prompts still asked")
+        elif stale:
             config.out.unlink(missing_ok=True)
             shutil.rmtree(topk_dir(config.out), ignore_errors=True)
         generate_responses(config)
 
-    return work.step(name, config.model_dump(mode="json"), config.out, generate,
-                     after=[prompts_step])
+    return work.step(name, inputs, config.out, generate, after=[prompts_step])
 
 
 def fit_step(

@@ -340,6 +340,28 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     after = finished()
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
 
+    # more prompts: the answers so far are kept and only the new prompts answered; fewer:
+    # the answers to prompts no longer asked are dropped
+    def answers() -> dict[str, dict]:
+        return {record["id"]: record for record in map(json.loads, (work / "data.jsonl").open())}
+
+    def with_prompts(count: int) -> list[object]:
+        args = mission_args(target_dir, prompts_file, work, steps=5)
+        args[args.index("--num-prompts") + 1] = count
+        return args
+
+    six = answers()
+    stdout, stderr = invoke(*with_prompts(7))  # the whole pool
+    assert "[keep] generate: 6 answers to prompts still asked" in stderr
+    assert "[keep] generate-heldout: 3 answers to prompts still asked" in stderr
+    seven = answers()
+    assert len(seven) == 7 and {key: seven[key] for key in six} == six
+    assert all("topk" in record for record in seven.values())
+    stdout, stderr = invoke(*with_prompts(5))
+    assert "[keep] generate: 5 answers to prompts still asked" in stderr
+    first_five = {key for key in seven if int(key.rsplit(":", 1)[1]) <= 5}  # FILE:LINE ids
+    assert answers() == {key: seven[key] for key in first_five} and len(first_five) == 5
+
 
 def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_its_sizes(
     target_dir, prompts_file, tmp_path
