@@ -116,7 +116,8 @@ class MissionConfig(BaseModel):
     heldout_prompts: tuple[str, ...] = Field(
         DEFAULT_HELDOUT_SETS, description="Prompt sets to hold out for evaluation (repeat the "
         "flag); a set also given to --prompts is split.")
-    num_prompts: int = Field(800, ge=1, description="Training prompts.")
+    num_prompts: int = Field(800, ge=1, description="Training prompts (raised later, the "
+                             "answers already generated are kept).")
     num_heldout: int = Field(
         48, ge=1, description="Prompts kept out of training, for eval "
         "(WORK/prompts/heldout.jsonl).")
