@@ -20,9 +20,11 @@ pass 1 reads the target's features; pass p reads, at row j, pass p − 1's predi
 j − 1, and attends to what the draft's cache holds when it drafts that row as its p-th token:
 pass 1's rows 1..j − p + 1 (the accepted prefix), then row j − p + q of each pass q = 2..p
 (its own earlier drafts). Row j of pass p predicts token j + 1 as the p-th drafted token after
-a target pass that gave features up to row j − p (and token j − p + 1). `fit --drafted-positions n` trains on all n passes;
-held-out agreement always unrolls `agreement.DEFAULT_K` passes, so its per-position acceptance
-and τ are the decoder's (greedy, on the target's own responses), not a teacher-forced bound.
+a target pass that gave features up to row j − p (and token j − p + 1).
+`fit --drafted-positions n` trains on all n passes, each over the rows serving drafts from as
+that position (`reachable_rows`); held-out agreement always unrolls `agreement.DEFAULT_K`
+passes, so its per-position acceptance and τ are the decoder's (greedy, on the target's own
+responses), not a teacher-forced bound.
 """
 
 from __future__ import annotations
@@ -111,9 +113,10 @@ def reachable_rows(input_ids: torch.Tensor, labels: torch.Tensor,
     """Per drafted position, the rows [batch, length] a greedy decoder drafts from as that
     position. Pass p's row j reads rows j − p + 2..j as tokens the draft proposed and the
     target accepted, so each must be what the target predicts there (`labels` one row before):
-    always so inside the target's own responses; in text it only scored (`fit --scored-data`)
-    a row after a token the target would not have written is a state serving never reaches.
-    Pass 1 reads no drafted token: every row."""
+    always so inside the target's own responses; in text it only scored (`fit --scored-data`),
+    pass p drops the p − 1 rows from a token the target would not have written on (that token's
+    own row included): states serving never reaches. Pass 1 reads no drafted token: every row.
+    Which tokens an engine's trimmed head can propose is not considered (it differs by engine)."""
     follows = torch.zeros_like(labels, dtype=torch.bool)
     follows[:, 1:] = input_ids[:, 1:] == labels[:, :-1]
     reachable = [torch.ones_like(follows)]

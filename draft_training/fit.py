@@ -69,6 +69,7 @@ from draft_training.examples import (
 from draft_training.feature_training import reachable_rows
 from draft_training.head_rows import HeadRows
 from draft_training.run import (
+    DRAFTED_POSITION_DECAY,
     FitConfig,
     best_path,
     build_model,
@@ -94,7 +95,6 @@ logger = logging.getLogger(__name__)
 MIN_LR_FACTOR = 0.1
 BUCKET_POOL_BATCHES = 32  # batches per length-sorted pool
 TAIL_EPS = 1e-6  # floor of a tail probability before its log
-DRAFTED_POSITION_DECAY = 0.8  # weight ratio of successive drafted positions (EAGLE-3's)
 
 
 @dataclass(frozen=True)

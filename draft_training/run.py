@@ -63,10 +63,12 @@ from draft_training.afa_lora import (
 )
 from draft_training.feature_training import FeatureDraftLM, build_feature_draft_lm
 
+DRAFTED_POSITION_DECAY = 0.8  # weight ratio of successive drafted positions (EAGLE-3's)
 DRAFTED_POSITIONS_HELP = (
     "Feature drafts: train drafted positions 1..N, position p > 1 reading the draft's own "
-    "predicted feature as serving does (EAGLE-3's training-time test); position p's loss is "
-    "weighted 0.8^(p − 1). 1: the target's features only (EAGLE-1).")
+    "predicted feature as serving does (EAGLE-3's training-time test), over the rows a decoder "
+    "drafts from as that position; position p's loss is weighted "
+    f"{DRAFTED_POSITION_DECAY}^(p − 1). 1: the target's features only (EAGLE-1).")
 
 
 class FitConfig(BaseModel):

@@ -427,8 +427,8 @@ def test_drafted_positions_add_each_later_positions_loss_at_eagle3s_weights(
                                                      reduction="sum")
 
         labelled = labels != IGNORE_INDEX
-        # position p reads the p − 1 tokens before its row as drafted: rows whose p − 1
-        # previous tokens are inside the response (the target's own, so what it predicts)
+        # position p reads its row's input token and the p − 2 before it as drafted: rows
+        # whose p − 1 such tokens are inside the response (the target's own: what it predicts)
         response = torch.zeros_like(labelled)
         response[:, 1:] = labelled[:, :-1]
         second = labelled & response
@@ -451,6 +451,59 @@ def test_drafted_positions_add_each_later_positions_loss_at_eagle3s_weights(
     with pytest.raises(ValueError, match="not a feature draft"):
         fit(fit_config(truncated, data_file, tmp_path / "stray", adapter=None,
                        drafted_positions=2))
+
+
+def test_every_term_of_a_later_drafted_position_covers_only_its_reachable_rows(
+    target_dir, data_file, tmp_path
+):
+    """CE, top-K KL and the regression term of each drafted position, over the head's rows,
+    in a batch mixing an example without top-k and a scored one whose label at one row is
+    not its next input: every term is taken over the same kept rows, computed by hand."""
+    import dataclasses
+
+    from draft_training.examples import IGNORE_INDEX, collate, load_examples, response_token_ids
+    from draft_training.feature_training import build_feature_draft_lm
+    from draft_training.fit import response_loss_terms, topk_kl
+    from draft_training.head_rows import HeadRows
+
+    init = init_draft(InitDraftConfig(target=str(target_dir), kind="feature",
+                                      out=tmp_path / "init"))
+    model = build_feature_draft_lm(str(init), str(target_dir))
+    own, untaught, scored = load_examples(data_file, 128)[:3]
+    response = list(scored.input_ids[scored.num_prompt_tokens:])
+    labels = response[:4] + [(response[4] + 1) % 32] + response[5:]  # it would write another
+    batch = collate([own, dataclasses.replace(untaught, topk=None),
+                     dataclasses.replace(scored, labels=tuple(labels))], torch.device("cpu"))
+    rows = HeadRows.most_frequent(response_token_ids(data_file), 40,
+                                  model.get_output_embeddings().weight.shape[0])
+    labelled = batch.labels != IGNORE_INDEX
+    follows = torch.zeros_like(labelled)
+    follows[:, 1:] = batch.input_ids[:, 1:] == batch.labels[:, :-1]
+    kept = [labelled, labelled & follows]
+    kept.append(kept[1] & torch.cat([torch.zeros_like(follows[:, :1]), follows[:, :-1]], 1))
+    assert kept[1].sum() < labelled.sum() - 3  # the mismatch drops rows beyond the first ones
+    teacher = batch.teacher
+    assert teacher is not None and 0 < teacher.mask.sum() < len(teacher.mask)
+    smooth_l1 = torch.nn.functional.smooth_l1_loss
+    with torch.no_grad():
+        output = model(batch.input_ids, batch.attention_mask, positions=3)
+        head = model.get_output_embeddings()
+        expected = {"ce": 0.0, "kl": 0.0, "feature": 0.0}
+        for position, (hidden, rows_kept) in enumerate(zip(output.drafted, kept, strict=True)):
+            weight = 0.8**position
+            logits = rows.logits(head, hidden[rows_kept])
+            expected["ce"] += weight * torch.nn.functional.cross_entropy(
+                logits, rows.labels(batch.labels[rows_kept]), reduction="sum")
+            taught = teacher.mask & rows_kept[labelled]
+            expected["kl"] += weight * topk_kl(logits[teacher.mask[rows_kept[labelled]]],
+                                               rows.row_of[teacher.token_ids[taught]],
+                                               teacher.logprobs[taught])
+            expected["feature"] += weight * smooth_l1(
+                hidden[rows_kept], output.target_features[rows_kept],
+                reduction="none").mean(dim=-1).sum()
+        terms = response_loss_terms(model, batch, feature=True, rows=rows, positions=3)
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(terms, name), value, rtol=1e-5, atol=1e-4)
 
 
 def test_later_drafted_positions_skip_rows_serving_never_drafts_from():
