@@ -318,6 +318,12 @@ def check_topk_setting(records: list[dict[str, Any]], top_k: int, out: Path) -> 
         )
 
 
+def answers(record: dict[str, Any], prompt: Prompt, tokenizer: PreTrainedTokenizerBase,
+            config: GenerateConfig) -> bool:
+    """Whether `record` is a response to `prompt` as `config` asks it (the same token ids)."""
+    return record["prompt_token_ids"] == prompt_token_ids(prompt, tokenizer, chat=config.chat)
+
+
 def check_same_prompts(records: list[dict], prompts: dict[str, Prompt],
                        tokenizer: PreTrainedTokenizerBase, config: GenerateConfig) -> None:
     """A resumed run skips the ids already answered in `out`: each must be the same prompt.
@@ -325,9 +331,7 @@ def check_same_prompts(records: list[dict], prompts: dict[str, Prompt],
     answers to its old lines standing for its new ones."""
     for record in records:
         prompt = prompts.get(record["id"])
-        if prompt is not None and record["prompt_token_ids"] != prompt_token_ids(
-            prompt, tokenizer, chat=config.chat
-        ):
+        if prompt is not None and not answers(record, prompt, tokenizer, config):
             raise ValueError(
                 f"{config.out} holds a response to another prompt under id {record['id']} "
                 f"(was {config.prompts} edited?): pass a new --out, or delete it to start over"
@@ -343,21 +347,21 @@ def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
     return keyed
 
 
-def keep_answers_to_asked_prompts(config: GenerateConfig) -> int:
+def keep_answers_to_asked_prompts(config: GenerateConfig) -> tuple[int, int]:
     """Drop from `config.out` the answers to prompts its prompt file no longer asks (by id,
     with the same token ids), so that `generate_responses` resumes from the rest: a mission
-    whose prompt list grew keeps what it already generated. Returns the answers kept; the
-    top-k shards stay (a shard no record points into is harmless)."""
+    whose prompt list grew keeps what it already generated. Idempotent (a rerun after a kill
+    repeats it). Returns (answers kept, answers dropped); the top-k shards stay (a shard no
+    record points into is harmless: `topk_store`)."""
+    records = recover_jsonl(config.out)
     asked = dict(_keyed_prompts(config))
     tokenizer = load_tokenizer(config.target)
-    kept = [
-        record for record in recover_jsonl(config.out)
-        if record["id"] in asked and record["prompt_token_ids"] == prompt_token_ids(
-            asked[record["id"]], tokenizer, chat=config.chat)
-    ]
-    with atomic_file(config.out) as temporary:
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    return len(kept)
+    kept = [record for record in records if record["id"] in asked
+            and answers(record, asked[record["id"]], tokenizer, config)]
+    if len(kept) < len(records):
+        with atomic_file(config.out) as temporary:
+            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return len(kept), len(records) - len(kept)
 
 
 def generate_responses(config: GenerateConfig) -> GenerateSummary:

@@ -13,7 +13,8 @@ inputs and of the keys of the steps it depends on. A step whose marker key match
 output exists is skipped, so a second run of the same mission returns the merged draft at
 once; change a setting and exactly the steps downstream of it run again. A step killed half
 way resumes where the core allows it (`generate` skips the prompts already answered, `fit`
-continues from its last checkpoint).
+continues from its last checkpoint). When only its prompt file changed (a larger or smaller
+`--num-prompts`), `generate` keeps the answers to the prompts still asked and answers the rest.
 
     WORK/prompts/train.jsonl   training prompts (named sets mixed, held-out ones removed)
     WORK/prompts/heldout.jsonl prompts kept out of training, for `eval` and `compare`
@@ -116,8 +117,8 @@ class MissionConfig(BaseModel):
     heldout_prompts: tuple[str, ...] = Field(
         DEFAULT_HELDOUT_SETS, description="Prompt sets to hold out for evaluation (repeat the "
         "flag); a set also given to --prompts is split.")
-    num_prompts: int = Field(800, ge=1, description="Training prompts (raised later, the "
-                             "answers already generated are kept).")
+    num_prompts: int = Field(800, ge=1, description="Training prompts; changing it later keeps "
+                             "the answers to prompts still asked.")
     num_heldout: int = Field(
         48, ge=1, description="Prompts kept out of training, for eval "
         "(WORK/prompts/heldout.jsonl).")
@@ -364,18 +365,20 @@ def generate_step(
     work: WorkDir, name: str, config: GenerateConfig, prompts_step: StepOutcome
 ) -> StepOutcome:
     """The target's responses to a prompt file: resumed where a killed run left it; when only
-    the prompts changed (say `--num-prompts` grew), the answers to prompts still asked are kept;
-    started afresh when any other input changed."""
+    the prompt file changed (say `--num-prompts` grew), the answers to prompts still asked are
+    kept; started afresh when any of its own inputs changed."""
     inputs = config.model_dump(mode="json")
-    only_prompts_changed = work.ran_with(name, inputs)
+    same_inputs = work.ran_with(name, inputs)
 
     def generate(stale: bool) -> None:
-        if stale and only_prompts_changed:
-            kept = keep_answers_to_asked_prompts(config)
-            work.log(f"[keep] {name}: {kept} answers to prompts still asked")
-        elif stale:
+        if stale and not same_inputs:
             config.out.unlink(missing_ok=True)
             shutil.rmtree(topk_dir(config.out), ignore_errors=True)
+        elif config.out.exists():  # also after a kill while it was keeping
+            kept, dropped = keep_answers_to_asked_prompts(config)
+            if stale or dropped:
+                work.log(f"[keep] {name}: {kept} answers to prompts still asked, "
+                         f"{dropped} dropped")
         generate_responses(config)
 
     return work.step(name, inputs, config.out, generate, after=[prompts_step])

@@ -340,27 +340,66 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     after = finished()
     assert after["generate"] == before["generate"] and after["weights"] != before["weights"]
 
-    # more prompts: the answers so far are kept and only the new prompts answered; fewer:
-    # the answers to prompts no longer asked are dropped
+
+def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_asked(
+    target_dir, prompts_file, tmp_path, monkeypatch
+):
+    """More prompts: the answers so far are kept and only the new prompts answered, then the
+    draft trains again; fewer: the answers no longer asked are dropped, also when a kill
+    interrupted the dropping; another prompt at a line drops its answer; another generation
+    setting starts afresh."""
+    from draft_training import pipeline
+    from draft_training.topk_store import record_rows
+
+    work = tmp_path / "work"
+
+    def run(count: int, *extra: object) -> str:
+        args = mission_args(target_dir, prompts_file, work, steps=2)
+        args[args.index("--num-prompts") + 1] = count
+        return invoke(*args, *extra)[1]
+
     def answers() -> dict[str, dict]:
         return {record["id"]: record for record in map(json.loads, (work / "data.jsonl").open())}
 
-    def with_prompts(count: int) -> list[object]:
-        args = mission_args(target_dir, prompts_file, work, steps=5)
-        args[args.index("--num-prompts") + 1] = count
-        return args
+    def prompt_lines() -> list[str]:
+        return (work / "prompts" / "train.jsonl").read_text().splitlines()
 
+    run(6)
     six = answers()
-    stdout, stderr = invoke(*with_prompts(7))  # the whole pool
-    assert "[keep] generate: 6 answers to prompts still asked" in stderr
-    assert "[keep] generate-heldout: 3 answers to prompts still asked" in stderr
+    stderr = run(7)  # the whole pool
+    assert "[keep] generate: 6 answers to prompts still asked, 0 dropped" in stderr
+    assert "[keep] generate-heldout: 3 answers to prompts still asked, 0 dropped" in stderr
+    assert "[run]  fit-" in stderr and "[run]  merge-" in stderr
     seven = answers()
     assert len(seven) == 7 and {key: seven[key] for key in six} == six
-    assert all("topk" in record for record in seven.values())
-    stdout, stderr = invoke(*with_prompts(5))
-    assert "[keep] generate: 5 answers to prompts still asked" in stderr
+    for record in seven.values():  # every kept and new answer's top-k rows are its own
+        assert record_rows(work / "data.jsonl", record)[0].shape[0] == len(
+            record["response_token_ids"])
+
+    keep = pipeline.keep_answers_to_asked_prompts
+
+    def killed(config):  # a kill before the kept answers were written back
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "keep_answers_to_asked_prompts", killed)
+    args = mission_args(target_dir, prompts_file, work, steps=2)
+    args[args.index("--num-prompts") + 1] = 5
+    assert runner.invoke(app, [str(arg) for arg in args]).exit_code != 0
+    monkeypatch.setattr(pipeline, "keep_answers_to_asked_prompts", keep)
+    stderr = run(5)
+    assert "[keep] generate: 5 answers to prompts still asked, 2 dropped" in stderr
     first_five = {key for key in seven if int(key.rsplit(":", 1)[1]) <= 5}  # FILE:LINE ids
     assert answers() == {key: seven[key] for key in first_five} and len(first_five) == 5
+
+    before = prompt_lines()
+    stderr = run(5, "--split-seed", 1)  # other prompts at (most) lines
+    unchanged = sum(old == new for old, new in zip(before, prompt_lines(), strict=True))
+    assert f"[keep] generate: {unchanged} answers to prompts still asked" in stderr
+    assert unchanged < 5 and len(answers()) == 5
+
+    stderr = run(5, "--split-seed", 1, "--max-new-tokens", 3)  # another generation setting
+    assert "[keep] generate:" not in stderr and "[run]  generate" in stderr
+    assert all(len(record["response_token_ids"]) <= 3 for record in answers().values())
 
 
 def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_its_sizes(
