@@ -225,6 +225,7 @@ class WorkDir:
         other inputs (or from unknown ones) and must be discarded, not resumed.
         """
         key = _key({"step": name, "inputs": inputs, "after": [step.key for step in after]})
+        inputs_key = _key(inputs)
         marker = self.marker(name)
         recorded = json.loads(marker.read_text()) if marker.exists() else None
         if (recorded is not None and recorded["key"] == key and "finished_at" in recorded
@@ -233,7 +234,7 @@ class WorkDir:
             return StepOutcome(name, key, output, ran=False, seconds=recorded["seconds"])
         stale = recorded["key"] != key if recorded is not None else output.exists()
         self.log(f"[run]  {name} → {output}")
-        write_json(marker, {"key": key, "inputs_key": _key(inputs), "output": str(output),
+        write_json(marker, {"key": key, "inputs_key": inputs_key, "output": str(output),
                             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         started = time.monotonic()
         action(stale)
@@ -242,7 +243,7 @@ class WorkDir:
             marker,
             {
                 "key": key,
-                "inputs_key": _key(inputs),
+                "inputs_key": inputs_key,
                 "output": str(output),
                 "seconds": seconds,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
