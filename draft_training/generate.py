@@ -35,7 +35,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import AttentionInterface, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
@@ -225,6 +225,7 @@ class GenerateSummary:
     generated: int
     new_tokens: int
     seconds: float
+    dropped: int = 0  # answers in `out` to prompts no longer asked (`keep_only_asked`)
 
 
 def token_progress(label: str) -> Progress:
@@ -318,24 +319,33 @@ def check_topk_setting(records: list[dict[str, Any]], top_k: int, out: Path) -> 
         )
 
 
-def answers(record: dict[str, Any], prompt: Prompt, tokenizer: PreTrainedTokenizerBase,
-            config: GenerateConfig) -> bool:
-    """Whether `record` is a response to `prompt` as `config` asks it (the same token ids)."""
-    return record["prompt_token_ids"] == prompt_token_ids(prompt, tokenizer, chat=config.chat)
-
-
-def check_same_prompts(records: list[dict], prompts: dict[str, Prompt],
-                       tokenizer: PreTrainedTokenizerBase, config: GenerateConfig) -> None:
-    """A resumed run skips the ids already answered in `out`: each must be the same prompt.
-    Ids of file prompts are line numbers, so an edited prompt file would otherwise leave
-    answers to its old lines standing for its new ones."""
+def check_same_prompts(records: list[dict], asked: dict[str, list[int]],
+                       config: GenerateConfig) -> None:
+    """A resumed run skips the ids already answered in `out`: each must be the same prompt
+    (`asked`: each id's prompt token ids). Ids of file prompts are line numbers, so an edited
+    prompt file would otherwise leave answers to its old lines standing for its new ones."""
     for record in records:
-        prompt = prompts.get(record["id"])
-        if prompt is not None and not answers(record, prompt, tokenizer, config):
+        prompt_ids = asked.get(record["id"])
+        if prompt_ids is not None and record["prompt_token_ids"] != prompt_ids:
             raise ValueError(
                 f"{config.out} holds a response to another prompt under id {record['id']} "
                 f"(was {config.prompts} edited?): pass a new --out, or delete it to start over"
             )
+
+
+def answers_to_asked_prompts(records: list[dict], asked: dict[str, list[int]]) -> list[dict]:
+    """The records that answer a prompt still asked (the same prompt token ids), one per
+    prompt, each under that prompt's id now: ids of file prompts are line numbers, and a grown
+    or reshuffled prompt file moves a prompt to another line."""
+    id_of = {tuple(prompt_ids): key for key, prompt_ids in asked.items()}
+    kept: list[dict] = []
+    taken: set[str] = set()
+    for record in records:
+        key = id_of.get(tuple(record["prompt_token_ids"]))
+        if key is not None and key not in taken:
+            taken.add(key)
+            kept.append(record if record["id"] == key else record | {"id": key})
+    return kept
 
 
 def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
@@ -347,35 +357,34 @@ def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
     return keyed
 
 
-def keep_answers_to_asked_prompts(config: GenerateConfig) -> tuple[int, int]:
-    """Drop from `config.out` the answers to prompts its prompt file no longer asks (by id,
-    with the same token ids), so that `generate_responses` resumes from the rest: a mission
-    whose prompt list grew keeps what it already generated. Idempotent (a rerun after a kill
-    repeats it). Returns (answers kept, answers dropped); the top-k shards stay (a shard no
-    record points into is harmless: `topk_store`)."""
-    records = recover_jsonl(config.out)
-    asked = dict(_keyed_prompts(config))
-    tokenizer = load_tokenizer(config.target)
-    kept = [record for record in records if record["id"] in asked
-            and answers(record, asked[record["id"]], tokenizer, config)]
-    if len(kept) < len(records):
-        with atomic_file(config.out) as temporary:
-            temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    return len(kept), len(records) - len(kept)
-
-
-def generate_responses(config: GenerateConfig) -> GenerateSummary:
-    keyed = _keyed_prompts(config)
+def generate_responses(
+    config: GenerateConfig, *, keep_only_asked: bool = False
+) -> GenerateSummary:
+    """Answer every prompt of `config.prompts` not yet answered in `config.out`. An answer in
+    `out` to a prompt the file no longer asks is refused, or with `keep_only_asked` dropped
+    (the rest kept, re-keyed to their prompts' lines: `answers_to_asked_prompts`)."""
     config.out.parent.mkdir(parents=True, exist_ok=True)
     existing = recover_jsonl(config.out)
     check_topk_setting(existing, config.top_k_logprobs, config.out)
     tokenizer = load_tokenizer(config.target)
-    check_same_prompts(existing, dict(keyed), tokenizer, config)
+    asked = {
+        key: prompt_token_ids(prompt, tokenizer, chat=config.chat)
+        for key, prompt in _keyed_prompts(config)
+    }
+    dropped = 0
+    if keep_only_asked:
+        kept = answers_to_asked_prompts(existing, asked)
+        if kept != existing:  # the top-k shards stay: a row no record points into is harmless
+            with atomic_file(config.out) as temporary:
+                temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        dropped, existing = len(existing) - len(kept), kept
+    else:
+        check_same_prompts(existing, asked, config)
     done = {record["id"] for record in existing}
-    pending = [(key, prompt) for key, prompt in keyed if key not in done]
-    already_done = len(keyed) - len(pending)
+    pending = [(key, prompt_ids) for key, prompt_ids in asked.items() if key not in done]
+    already_done = len(asked) - len(pending)
     if not pending:
-        return GenerateSummary(config.out, len(keyed), already_done, 0, 0, 0.0)
+        return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0, dropped)
 
     if config.engine == "vllm":
         from draft_training.vllm_generate import VllmGenerator
@@ -383,17 +392,14 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
         generator: Generator = VllmGenerator(config, tokenizer)
     else:
         generator = HfGenerator(config, tokenizer)
-    tokenized = sorted(
-        ((key, prompt_token_ids(prompt, tokenizer, chat=config.chat)) for key, prompt in pending),
-        key=lambda item: -len(item[1]),
-    )
+    tokenized = sorted(pending, key=lambda item: -len(item[1]))
     started = time.monotonic()
     new_tokens = 0
     progress = token_progress("generate")
     folder = topk_dir(config.out)
     with progress:
         task = progress.add_task(
-            "generate", total=len(keyed), completed=already_done, tokens=0, rate=0.0
+            "generate", total=len(asked), completed=already_done, tokens=0, rate=0.0
         )
         for start in range(0, len(tokenized), config.batch_size):
             batch = tokenized[start : start + config.batch_size]
@@ -407,5 +413,5 @@ def generate_responses(config: GenerateConfig) -> GenerateSummary:
             progress.update(task, advance=len(batch), tokens=new_tokens, rate=rate)
     seconds = time.monotonic() - started
     return GenerateSummary(
-        config.out, len(keyed), already_done, len(tokenized), new_tokens, seconds
+        config.out, len(asked), already_done, len(tokenized), new_tokens, seconds, dropped
     )

@@ -51,7 +51,6 @@ from draft_training.generate import (
     DEFAULT_BATCH_SIZE,
     GenerateConfig,
     generate_responses,
-    keep_answers_to_asked_prompts,
 )
 from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfig, init_draft
 from draft_training.merge import merge_run
@@ -372,15 +371,14 @@ def generate_step(
     same_inputs = work.ran_with(name, inputs)
 
     def generate(stale: bool) -> None:
-        if stale and not same_inputs:
+        afresh = stale and not same_inputs
+        if afresh:
             config.out.unlink(missing_ok=True)
             shutil.rmtree(topk_dir(config.out), ignore_errors=True)
-        elif config.out.exists():  # also after a kill while it was keeping
-            kept, dropped = keep_answers_to_asked_prompts(config)
-            if stale or dropped:
-                work.log(f"[keep] {name}: {kept} answers to prompts still asked, "
-                         f"{dropped} dropped")
-        generate_responses(config)
+        summary = generate_responses(config, keep_only_asked=True)
+        if not afresh and (stale or summary.dropped):
+            work.log(f"[keep] {name}: {summary.already_done} answers to prompts still asked, "
+                     f"{summary.dropped} dropped")
 
     return work.step(name, inputs, config.out, generate, after=[prompts_step])
 

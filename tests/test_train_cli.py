@@ -376,26 +376,38 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
         assert record_rows(work / "data.jsonl", record)[0].shape[0] == len(
             record["response_token_ids"])
 
-    keep = pipeline.keep_answers_to_asked_prompts
+    generate_responses = pipeline.generate_responses
 
-    def killed(config):  # a kill before the kept answers were written back
-        raise KeyboardInterrupt
+    def killed(config, **options):  # a kill after the answers were dropped, before the marker
+        summary = generate_responses(config, **options)
+        if config.out.name == "data.jsonl":
+            raise KeyboardInterrupt
+        return summary
 
-    monkeypatch.setattr(pipeline, "keep_answers_to_asked_prompts", killed)
+    monkeypatch.setattr(pipeline, "generate_responses", killed)
     args = mission_args(target_dir, prompts_file, work, steps=2)
     args[args.index("--num-prompts") + 1] = 5
     assert runner.invoke(app, [str(arg) for arg in args]).exit_code != 0
-    monkeypatch.setattr(pipeline, "keep_answers_to_asked_prompts", keep)
-    stderr = run(5)
-    assert "[keep] generate: 5 answers to prompts still asked, 2 dropped" in stderr
+    monkeypatch.setattr(pipeline, "generate_responses", generate_responses)
     first_five = {key for key in seven if int(key.rsplit(":", 1)[1]) <= 5}  # FILE:LINE ids
     assert answers() == {key: seven[key] for key in first_five} and len(first_five) == 5
+    stderr = run(5)
+    assert "[run]  fit-" in stderr
+    assert answers() == {key: seven[key] for key in first_five}
 
-    before = prompt_lines()
-    stderr = run(5, "--split-seed", 1)  # other prompts at (most) lines
-    unchanged = sum(old == new for old, new in zip(before, prompt_lines(), strict=True))
-    assert f"[keep] generate: {unchanged} answers to prompts still asked" in stderr
-    assert unchanged < 5 and len(answers()) == 5
+    before, five = prompt_lines(), answers()
+    stderr = run(5, "--split-seed", 1)  # another split: other prompts, some at other lines
+    after = prompt_lines()
+    common = set(before) & set(after)
+    assert f"[keep] generate: {len(common)} answers to prompts still asked, " \
+        f"{5 - len(common)} dropped" in stderr
+    assert 0 < len(common) < 5 and any(before.index(line) != after.index(line) for line in common)
+    prefix = next(iter(five)).rsplit(":", 1)[0]
+    kept = {f"{prefix}:{after.index(line) + 1}": five[f"{prefix}:{before.index(line) + 1}"]
+            for line in common}  # each kept answer now under its prompt's new line
+    assert {key: answers()[key] for key in kept} == {
+        key: record | {"id": key} for key, record in kept.items()}
+    assert len(answers()) == 5
 
     stderr = run(5, "--split-seed", 1, "--max-new-tokens", 3)  # another generation setting
     assert "[keep] generate:" not in stderr and "[run]  generate" in stderr

@@ -26,7 +26,7 @@ from afa_serve.engine.verify import SamplingSettings
 from afa_serve.prompts import load_prompts, prompt_token_ids
 from draft_training.afa_lora import AfaLoraConfig
 from draft_training.fit import fit, resume
-from draft_training.generate import GenerateConfig, generate_responses
+from draft_training.generate import GenerateConfig, answers_to_asked_prompts, generate_responses
 from draft_training.init_draft import InitDraftConfig, init_draft
 from draft_training.merge import MergeRefusedError, merge_run
 from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path, trained_model
@@ -214,6 +214,22 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
     with pytest.raises(ValueError, match=r"another prompt under id .*edited.jsonl:2"):
         generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
                                           out=answered, max_new_tokens=4))
+    first = json.loads(answered.read_text().splitlines()[0])
+    # what a mission does with a changed prompt list: the answer no longer asked is dropped
+    summary = generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
+                                                out=answered, max_new_tokens=4),
+                                 keep_only_asked=True)
+    assert (summary.already_done, summary.dropped, summary.generated) == (1, 1, 1)
+    records = [json.loads(line) for line in answered.read_text().splitlines()]
+    assert records[0] == first and records[1]["id"] == f"{edited}:2"
+
+
+def test_answers_to_asked_prompts_follow_their_prompt_to_its_line_once_each():
+    records = [{"id": "f:1", "prompt_token_ids": [3]}, {"id": "f:2", "prompt_token_ids": [1, 2]},
+               {"id": "f:3", "prompt_token_ids": [1, 2]}, {"id": "f:4", "prompt_token_ids": [9]}]
+    asked = {"g:1": [1, 2], "g:2": [3], "g:3": [4]}
+    assert answers_to_asked_prompts(records, asked) == [
+        {"id": "g:2", "prompt_token_ids": [3]}, {"id": "g:1", "prompt_token_ids": [1, 2]}]
 
 
 def fit_config(draft_dir: Path, data_file: Path, out: Path, **overrides) -> FitConfig:
