@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +225,6 @@ class GenerateSummary:
     generated: int
     new_tokens: int
     seconds: float
-    dropped: int = 0  # answers in `out` to prompts no longer asked (`keep_only_asked`)
 
 
 def token_progress(label: str) -> Progress:
@@ -334,18 +333,24 @@ def check_same_prompts(records: list[dict], asked: dict[str, list[int]],
 
 
 def answers_to_asked_prompts(records: list[dict], asked: dict[str, list[int]]) -> list[dict]:
-    """The records that answer a prompt still asked (the same prompt token ids), one per
-    prompt, each under that prompt's id now: ids of file prompts are line numbers, and a grown
-    or reshuffled prompt file moves a prompt to another line."""
-    id_of = {tuple(prompt_ids): key for key, prompt_ids in asked.items()}
-    kept: list[dict] = []
-    taken: set[str] = set()
-    for record in records:
-        key = id_of.get(tuple(record["prompt_token_ids"]))
-        if key is not None and key not in taken:
-            taken.add(key)
-            kept.append(record if record["id"] == key else record | {"id": key})
-    return kept
+    """The records that answer a prompt still asked (the same prompt token ids), one per line
+    that asks it, in file order. A record whose id still asks its prompt keeps that id; the
+    others take a line that asks their prompt and has no answer yet: ids of file prompts are
+    line numbers, and a grown or reshuffled prompt file moves a prompt to another line."""
+    free_lines: dict[tuple[int, ...], list[str]] = {}
+    for key, prompt_ids in asked.items():
+        free_lines.setdefault(tuple(prompt_ids), []).append(key)
+    kept: dict[int, dict] = {}
+    for index, record in enumerate(records):
+        lines = free_lines.get(tuple(record["prompt_token_ids"]), [])
+        if record["id"] in lines:
+            lines.remove(record["id"])
+            kept[index] = record
+    for index, record in enumerate(records):
+        lines = free_lines.get(tuple(record["prompt_token_ids"]))
+        if index not in kept and lines:
+            kept[index] = record | {"id": lines.pop(0)}
+    return [kept[index] for index in sorted(kept)]
 
 
 def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
@@ -358,11 +363,15 @@ def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
 
 
 def generate_responses(
-    config: GenerateConfig, *, keep_only_asked: bool = False
+    config: GenerateConfig,
+    *,
+    keep_only_asked: bool = False,
+    on_kept: Callable[[int, int], None] | None = None,
 ) -> GenerateSummary:
     """Answer every prompt of `config.prompts` not yet answered in `config.out`. An answer in
     `out` to a prompt the file no longer asks is refused, or with `keep_only_asked` dropped
-    (the rest kept, re-keyed to their prompts' lines: `answers_to_asked_prompts`)."""
+    (the rest kept, re-keyed to their prompts' lines: `answers_to_asked_prompts`), and
+    `on_kept(kept, dropped)` told before generation starts."""
     config.out.parent.mkdir(parents=True, exist_ok=True)
     existing = recover_jsonl(config.out)
     check_topk_setting(existing, config.top_k_logprobs, config.out)
@@ -371,20 +380,21 @@ def generate_responses(
         key: prompt_token_ids(prompt, tokenizer, chat=config.chat)
         for key, prompt in _keyed_prompts(config)
     }
-    dropped = 0
     if keep_only_asked:
         kept = answers_to_asked_prompts(existing, asked)
         if kept != existing:  # the top-k shards stay: a row no record points into is harmless
             with atomic_file(config.out) as temporary:
                 temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        dropped, existing = len(existing) - len(kept), kept
+        if on_kept is not None:
+            on_kept(len(kept), len(existing) - len(kept))
+        existing = kept
     else:
         check_same_prompts(existing, asked, config)
     done = {record["id"] for record in existing}
     pending = [(key, prompt_ids) for key, prompt_ids in asked.items() if key not in done]
     already_done = len(asked) - len(pending)
     if not pending:
-        return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0, dropped)
+        return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0)
 
     if config.engine == "vllm":
         from draft_training.vllm_generate import VllmGenerator
@@ -413,5 +423,5 @@ def generate_responses(
             progress.update(task, advance=len(batch), tokens=new_tokens, rate=rate)
     seconds = time.monotonic() - started
     return GenerateSummary(
-        config.out, len(asked), already_done, len(tokenized), new_tokens, seconds, dropped
+        config.out, len(asked), already_done, len(tokenized), new_tokens, seconds
     )

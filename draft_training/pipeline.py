@@ -375,10 +375,13 @@ def generate_step(
         if afresh:
             config.out.unlink(missing_ok=True)
             shutil.rmtree(topk_dir(config.out), ignore_errors=True)
-        summary = generate_responses(config, keep_only_asked=True)
-        if not afresh and (stale or summary.dropped):
-            work.log(f"[keep] {name}: {summary.already_done} answers to prompts still asked, "
-                     f"{summary.dropped} dropped")
+
+        def report(kept: int, dropped: int) -> None:
+            if not afresh and (stale or dropped):
+                work.log(f"[keep] {name}: {kept} answers to prompts still asked, "
+                         f"{dropped} dropped")
+
+        generate_responses(config, keep_only_asked=True, on_kept=report)
 
     return work.step(name, inputs, config.out, generate, after=[prompts_step])
 

@@ -345,9 +345,9 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
     target_dir, prompts_file, tmp_path, monkeypatch
 ):
     """More prompts: the answers so far are kept and only the new prompts answered, then the
-    draft trains again; fewer: the answers no longer asked are dropped, also when a kill
-    interrupted the dropping; another prompt at a line drops its answer; another generation
-    setting starts afresh."""
+    draft trains again; fewer: the answers no longer asked are dropped (said before generating),
+    and a kill after the dropping resumes; another split: the answers to prompts still asked
+    follow them to their new lines; another generation setting starts afresh."""
     from draft_training import pipeline
     from draft_training.topk_store import record_rows
 
@@ -387,7 +387,9 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
     monkeypatch.setattr(pipeline, "generate_responses", killed)
     args = mission_args(target_dir, prompts_file, work, steps=2)
     args[args.index("--num-prompts") + 1] = 5
-    assert runner.invoke(app, [str(arg) for arg in args]).exit_code != 0
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert result.exit_code != 0
+    assert "[keep] generate: 5 answers to prompts still asked, 2 dropped" in result.stderr
     monkeypatch.setattr(pipeline, "generate_responses", generate_responses)
     first_five = {key for key in seven if int(key.rsplit(":", 1)[1]) <= 5}  # FILE:LINE ids
     assert answers() == {key: seven[key] for key in first_five} and len(first_five) == 5

@@ -214,22 +214,31 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
     with pytest.raises(ValueError, match=r"another prompt under id .*edited.jsonl:2"):
         generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
                                           out=answered, max_new_tokens=4))
-    first = json.loads(answered.read_text().splitlines()[0])
+    first, second = (json.loads(line) for line in answered.read_text().splitlines())
     # what a mission does with a changed prompt list: the answer no longer asked is dropped
+    told = []
     summary = generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
                                                 out=answered, max_new_tokens=4),
-                                 keep_only_asked=True)
-    assert (summary.already_done, summary.dropped, summary.generated) == (1, 1, 1)
+                                 keep_only_asked=True, on_kept=lambda *counts: told.append(counts))
+    assert told == [(1, 1)] and (summary.already_done, summary.generated) == (1, 1)
     records = [json.loads(line) for line in answered.read_text().splitlines()]
-    assert records[0] == first and records[1]["id"] == f"{edited}:2"
+    assert len(records) == 2 and records[0] == first and records[1]["id"] == f"{edited}:2"
+    assert records[1]["prompt_token_ids"] != second["prompt_token_ids"]
 
 
-def test_answers_to_asked_prompts_follow_their_prompt_to_its_line_once_each():
-    records = [{"id": "f:1", "prompt_token_ids": [3]}, {"id": "f:2", "prompt_token_ids": [1, 2]},
-               {"id": "f:3", "prompt_token_ids": [1, 2]}, {"id": "f:4", "prompt_token_ids": [9]}]
+def test_answers_to_asked_prompts_follow_their_prompt_to_a_free_line_once_each():
+    def record(key: str, *prompt_ids: int) -> dict:
+        return {"id": key, "prompt_token_ids": list(prompt_ids)}
+
+    records = [record("f:1", 3), record("f:2", 1, 2), record("f:3", 1, 2), record("f:4", 9)]
     asked = {"g:1": [1, 2], "g:2": [3], "g:3": [4]}
+    assert answers_to_asked_prompts(records, asked) == [record("g:2", 3), record("g:1", 1, 2)]
+    # a prompt asked at two lines: an answer keeps its own line, another takes the free one
+    asked = {"f:1": [1, 2], "f:2": [3], "f:3": [1, 2]}
     assert answers_to_asked_prompts(records, asked) == [
-        {"id": "g:2", "prompt_token_ids": [3]}, {"id": "g:1", "prompt_token_ids": [1, 2]}]
+        record("f:2", 3), record("f:1", 1, 2), record("f:3", 1, 2)]
+    assert answers_to_asked_prompts(records[:2], asked) == [record("f:2", 3), record("f:1", 1, 2)]
+    assert answers_to_asked_prompts(records, {"f:3": [1, 2]}) == [record("f:3", 1, 2)]
 
 
 def fit_config(draft_dir: Path, data_file: Path, out: Path, **overrides) -> FitConfig:
