@@ -422,7 +422,7 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     full = MissionConfig(profile="full")
     assert (full.work_dir, full.num_prompts, full.max_new_tokens, full.adapter, full.lr,
             full.steps, full.eval_every, full.patience) == (
-        Path("afa-train-work-full"), 2000, 256, None, 2e-3, 400, 25, 4)
+        Path("afa-train-work-full"), 2000, 256, None, 2e-3, 800, 25, 8)
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
     assert (default.adapter, default.lr, default.num_prompts, default.work_dir) == (
@@ -448,7 +448,7 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert Path(last_line(stdout)) == work / "drafts" / "full"
     run = read_config(work / "runs" / "full")
     assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience) == (
-        None, 2e-3, 2, 25, 4)
+        None, 2e-3, 2, 25, 8)
     assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
 
     # a feature draft's fit gets its kind's peak and warm-up, beside the same cached answers
