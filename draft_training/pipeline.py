@@ -71,11 +71,10 @@ DEFAULT_PROMPT_SETS = ("sharegpt",)
 DEFAULT_HELDOUT_SETS = ("alpaca-eval", "arena-hard-en", "mt-bench")
 Profile = Literal["default", "full"]
 # `--profile full`: more prompts, longer responses and more steps, early stopping on held-out
-# agreement. Given flags override each value. 800 steps: the truncated draft gains most while
-# the cosine schedule decays (on the profile's 2,000 answers held-out τ(4) 1.62 at 400 steps,
-# 1.77 at 800; on 4,000, 1.89; 2026-12-02, README), and the held-out τ is noisy enough that
-# four evaluations without a better one came at steps 625–700 of the 4,000-answer run, before
-# its best: patience 8.
+# agreement. Given flags override each value. 800 steps: the truncated draft was under-trained
+# at 400 (on the profile's 2,000 answers held-out τ(4) 1.62 at 400 steps, 1.77 at 800; on
+# 4,000, 1.64 and 1.89; 2026-12-02, README). Patience 8: the held-out τ is noisy, and on the
+# 2,000 answers six evaluations in a row (steps 400–525) found no better one before it rose.
 FULL_PROFILE: dict[str, Any] = {
     "work_dir": Path("afa-train-work-full"),
     "num_prompts": 2000,
