@@ -67,9 +67,19 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def _jsonl_lines(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace `path` by these records, one JSON object a line, atomically."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(_jsonl_lines(records), encoding="utf-8")
+
+
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append whole lines and make them durable before returning (flush + fsync)."""
-    lines = "".join(json.dumps(record) + "\n" for record in records)
+    lines = _jsonl_lines(records)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(lines)
         handle.flush()

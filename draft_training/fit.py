@@ -52,7 +52,7 @@ from rich.progress import (
 )
 from torch.optim.lr_scheduler import LambdaLR
 
-from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
+from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl, write_jsonl
 from afa_serve.engine.loading import resolve_device
 from draft_training.afa_lora import set_lambda
 from draft_training.agreement import heldout_agreement
@@ -451,8 +451,7 @@ def _keep_metrics_before(run_dir: Path, completed_steps: int) -> None:
     Step and evaluation records alike carry the index of the optimiser step they follow."""
     path = metrics_path(run_dir)
     records = [record for record in recover_jsonl(path) if record["step"] < completed_steps]
-    with atomic_file(path) as temporary:
-        append_jsonl(temporary, records)
+    write_jsonl(path, records)
 
 
 def _heldout_text(record: dict[str, Any] | None) -> str:

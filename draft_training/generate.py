@@ -17,7 +17,6 @@ into `topk_store.topk_dir(out)` -- before the batch's records, which point into 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from rich.progress import (
 from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from afa_serve.atomic import append_jsonl, atomic_file, recover_jsonl
+from afa_serve.atomic import append_jsonl, recover_jsonl, write_jsonl
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.loading import (
     DeviceName,
@@ -365,13 +364,13 @@ def _keyed_prompts(config: GenerateConfig) -> list[tuple[str, Prompt]]:
 def generate_responses(
     config: GenerateConfig,
     *,
-    keep_only_asked: bool = False,
-    on_kept: Callable[[int, int], None] | None = None,
+    drop_unasked: Callable[[int, int], None] | None = None,
 ) -> GenerateSummary:
     """Answer every prompt of `config.prompts` not yet answered in `config.out`. An answer in
-    `out` to a prompt the file no longer asks is refused, or with `keep_only_asked` dropped
-    (the rest kept, re-keyed to their prompts' lines: `answers_to_asked_prompts`), and
-    `on_kept(kept, dropped)` told before generation starts."""
+    `out` to a prompt the file no longer asks is refused; given `drop_unasked`, such answers
+    are dropped instead (the rest kept, re-keyed to their prompts' lines:
+    `answers_to_asked_prompts`) and `drop_unasked(kept, dropped)` is told before generation
+    starts."""
     config.out.parent.mkdir(parents=True, exist_ok=True)
     existing = recover_jsonl(config.out)
     check_topk_setting(existing, config.top_k_logprobs, config.out)
@@ -380,13 +379,11 @@ def generate_responses(
         key: prompt_token_ids(prompt, tokenizer, chat=config.chat)
         for key, prompt in _keyed_prompts(config)
     }
-    if keep_only_asked:
+    if drop_unasked is not None:
         kept = answers_to_asked_prompts(existing, asked)
         if kept != existing:  # the top-k shards stay: a row no record points into is harmless
-            with atomic_file(config.out) as temporary:
-                temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        if on_kept is not None:
-            on_kept(len(kept), len(existing) - len(kept))
+            write_jsonl(config.out, kept)
+        drop_unasked(len(kept), len(existing) - len(kept))
         existing = kept
     else:
         check_same_prompts(existing, asked, config)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from afa_serve.atomic import atomic_file, write_json
+from afa_serve.atomic import write_json, write_jsonl
 from afa_serve.descriptions import DEVICE_HELP, TARGET_HELP
 from afa_serve.engine.loading import DeviceName, DTypeName
 from afa_serve.models.resolve import resolve_model
@@ -292,17 +292,11 @@ def split_prompts(
 
 def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
     """A prompt file `load_prompts` reads back; `source` keeps each prompt's original id."""
-    records = [
-        {"messages": list(prompt.messages)} if prompt.messages else {"prompt": prompt.text}
+    write_jsonl(path, [
+        ({"messages": list(prompt.messages)} if prompt.messages else {"prompt": prompt.text})
+        | {"source": prompt.id}
         for prompt in prompts
-    ]
-    with atomic_file(path) as temporary:
-        temporary.write_text(
-            "".join(
-                json.dumps({**record, "source": prompt.id}) + "\n"
-                for record, prompt in zip(records, prompts, strict=True)
-            )
-        )
+    ])
 
 
 @dataclass(frozen=True)
@@ -386,7 +380,7 @@ def generate_step(
                 work.log(f"[keep] {name}: {kept} answers to prompts still asked, "
                          f"{dropped} dropped")
 
-        generate_responses(config, keep_only_asked=True, on_kept=report)
+        generate_responses(config, drop_unasked=report)
 
     return work.step(name, inputs, config.out, generate, after=[prompts_step])
 

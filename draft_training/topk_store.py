@@ -14,7 +14,7 @@ the position whose next token is response token i.
 Crash safety: `write_shard` makes its shard durable (temporary file, fsync, `os.replace`)
 before the records that point into it are appended to the JSONL, and never reuses a shard
 number, so a shard orphaned by a kill between the two, or by records dropped from the JSONL
-(`generate_responses(keep_only_asked=True)`), is harmless: nothing references it.
+(`generate_responses(drop_unasked=...)`), is harmless: nothing references it.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
     told = []
     summary = generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
                                                 out=answered, max_new_tokens=4),
-                                 keep_only_asked=True, on_kept=lambda *counts: told.append(counts))
+                                 drop_unasked=lambda *counts: told.append(counts))
     assert told == [(1, 1)] and (summary.already_done, summary.generated) == (1, 1)
     records = [json.loads(line) for line in answered.read_text().splitlines()]
     assert len(records) == 2 and records[0] == first and records[1]["id"] == f"{edited}:2"
