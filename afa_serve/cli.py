@@ -11,7 +11,7 @@ from afa_serve.bench import BenchConfig, bench
 from afa_serve.config import ENV_PREFIX, ConfigFileError, ServeConfig
 from afa_serve.config_cli import config_command, validation_message
 from afa_serve.engine.base import Engine
-from afa_serve.engine.vllm_support import require_vllm, vllm_unavailable_reason
+from afa_serve.engine.vllm_support import require_vllm, resolve_engine
 from afa_serve.models.cli import app as models_app
 from afa_serve.vllm_spellings import SERVE_SPELLINGS
 
@@ -28,9 +28,7 @@ logger = logging.getLogger(__name__)
 
 def build_engine(config: ServeConfig) -> Engine:
     """The engine `config.engine` names; `auto` is vLLM where it imports and runs, else torch."""
-    kind = config.engine
-    if kind == "auto":
-        kind = "vllm" if vllm_unavailable_reason() is None else "torch"
+    kind = resolve_engine(config.engine)
     if ignored := config.ignored_by(kind):
         logger.warning("the %s engine ignores the settings %s", kind, ", ".join(ignored))
     if kind == "vllm":

@@ -38,6 +38,7 @@ from afa_serve.api.state import (
 )
 from afa_serve.config_cli import comma_separated
 from afa_serve.engine.config import EngineConfig
+from afa_serve.engine.vllm_support import EngineName
 
 ENV_PREFIX = "AFA_SERVE_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
@@ -103,7 +104,7 @@ class ServeConfig(BaseSettings, EngineConfig):
     config: Path | None = Field(
         None, description=f"YAML or JSON file with any of these settings (snake_case keys); "
         f"also ${CONFIG_FILE_ENV}.")
-    engine: Literal["auto", "torch", "vllm"] = Field(
+    engine: EngineName = Field(
         "auto", description="auto: vLLM when it imports and finds a device, else the embedded "
         "torch engine.")
     host: str = Field("127.0.0.1", description="Address to listen on.")

@@ -9,6 +9,9 @@ and asks its platform layer whether it found a device it supports.
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal
+
+EngineName = Literal["auto", "torch", "vllm"]
 
 INSTALL_HINT = (
     "the vllm engine needs vLLM: pip install 'afa-serve[vllm]' on a GPU host, or "
@@ -35,6 +38,13 @@ def vllm_unavailable_reason() -> str | None:
     if current_platform.is_unspecified():
         return "vLLM is installed but supports no device on this host (no GPU, not a CPU build)"
     return None
+
+
+def resolve_engine(name: EngineName) -> Literal["torch", "vllm"]:
+    """`auto`: vLLM where it imports and finds a device, else the embedded torch engine."""
+    if name == "auto":
+        return "vllm" if vllm_unavailable_reason() is None else "torch"
+    return name
 
 
 def require_vllm() -> None:
