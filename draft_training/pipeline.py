@@ -85,9 +85,9 @@ FULL_PROFILE: dict[str, Any] = {
     "eval_every": 25,
     "patience": 8,
 }
-# vLLM answers about twice as fast as Hugging Face generate (`generate.ENGINE_HELP`), so with
-# vLLM the full profile answers twice the prompts in the same time (on 4,000 answers the same
-# fit reached held-out τ(4) 1.89 against 1.77 on 2,000; README).
+# vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
+# with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
+# the same fit reached held-out τ(4) 1.89 against 1.77 on 2,000; README).
 FULL_PROFILE_ON_VLLM: dict[str, Any] = {"num_prompts": 4000}
 # Peak learning rate: the adapters' best at 177 k target tokens (README, "Results at scale"),
 # and full fine-tuning's on the default mission's 800 answers (held-out α 0.301 against 0.289 at

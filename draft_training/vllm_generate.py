@@ -1,4 +1,5 @@
-"""`afa-train generate --engine vllm`: the target's responses from vLLM's offline `LLM.generate`.
+"""`afa-train generate` on vLLM (`--engine vllm`, or `auto` where vLLM runs): the target's
+responses from vLLM's offline `LLM.generate`.
 
 The same records, batching and resumability as the torch path (`generate.py` hands each batch
 of prompt token ids to `VllmGenerator` and writes what comes back); only this module imports

@@ -7,7 +7,6 @@ place at the end, so an interrupted pull never leaves a half folder; pulling aga
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from afa_serve.atomic import write_json
 from afa_serve.models import packages
 from afa_serve.models.cache import PULL_RECORD, is_pulled, model_folder
 from afa_serve.models.registry import PackagedModel, packaged_model
@@ -119,4 +119,4 @@ def _write_record(path: Path, model: PackagedModel, elapsed_s: float) -> None:
         "pull_seconds": round(elapsed_s, 1),
         "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
