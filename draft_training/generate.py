@@ -5,9 +5,10 @@ Batched, greedy unless a temperature is given, by one of two engines behind one 
 out): vLLM's offline `LLM.generate` (`vllm_generate.py`) where vLLM runs (`--engine auto`,
 the default, or `vllm`), else Hugging Face `generate` with left padding (`HfGenerator`,
 `torch`). Resumable: the JSONL output gains one durable append (flush + fsync) per finished
-batch, and a rerun skips the prompt ids already there. Prompts are sorted by length so that a batch pads little. On CPU the torch path attends
-with `cpu_decode_attention`, which spares the per-step copies of the key/value cache that make
-Hugging Face's own attention slow at batch sizes worth running.
+batch, and a rerun skips the prompt ids already there. Prompts are sorted by length so that a
+batch pads little. On CPU the torch path attends with `cpu_decode_attention`, which spares the
+per-step copies of the key/value cache that make Hugging Face's own attention slow at batch
+sizes worth running.
 
 With `top_k_logprobs` K > 0 (the default, 20) each batch also writes one shard of the target's
 top-K log_softmax of its raw logits (temperature 1, no processing) at every response position

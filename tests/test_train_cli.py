@@ -424,7 +424,7 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
             full.steps, full.eval_every, full.patience) == (
         Path("afa-train-work-full"), 2000, 256, None, 2e-3, 800, 25, 8)
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
-    # where vLLM answers (about twice as fast) the profile answers twice the prompts; this
+    # where vLLM answers (two to three times as fast) the profile answers twice the prompts; this
     # suite's venv has no vLLM, so auto is the torch path (tests/vllm checks auto with vLLM)
     assert full.generate_engine == "torch"
     on_vllm = MissionConfig(profile="full", generate_engine="vllm")
