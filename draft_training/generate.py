@@ -426,9 +426,10 @@ def _answer(
     tokenizer: Any,
     pending: list[tuple[str, list[int]]],
     already_done: int,
-    asked: int,
+    prompts: int,
 ) -> GenerateSummary:
-    """Answer `pending`, longest prompt first, one durable append per batch."""
+    """Answer `pending` (of `prompts` in the set), longest prompt first, one durable append
+    per batch."""
     tokenized = sorted(pending, key=lambda item: -len(item[1]))
     started = time.monotonic()
     new_tokens = 0
@@ -436,7 +437,7 @@ def _answer(
     folder = topk_dir(config.out)
     with progress:
         task = progress.add_task(
-            "generate", total=asked, completed=already_done, tokens=0, rate=0.0
+            "generate", total=prompts, completed=already_done, tokens=0, rate=0.0
         )
         for start in range(0, len(tokenized), config.batch_size):
             batch = tokenized[start : start + config.batch_size]
@@ -449,4 +450,4 @@ def _answer(
             rate = new_tokens / max(time.monotonic() - started, 1e-9)
             progress.update(task, advance=len(batch), tokens=new_tokens, rate=rate)
     seconds = time.monotonic() - started
-    return GenerateSummary(config.out, asked, already_done, len(tokenized), new_tokens, seconds)
+    return GenerateSummary(config.out, prompts, already_done, len(tokenized), new_tokens, seconds)
