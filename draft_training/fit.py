@@ -1,8 +1,12 @@
 """fit: train a draft to predict the target's responses (next-token loss on response tokens).
 
 Methods: `afa-lora` (annealed activation, λ per `schedule.py`), `lora` (the same adapter at
-λ = 0 throughout) and `full` (every draft weight trained). AdamW with linear warm-up then
-cosine decay to a tenth of the learning rate.
+λ = 0 throughout) and `full` (every draft weight trained). AdamW (fused: one kernel over all
+weights; on 2 CPU cores 0.04 s a step against 0.24 s for the default, mostly the tied
+embedding's 28 M weights) with linear warm-up then cosine decay to a tenth of the learning rate.
+On a CPU the run keeps freed memory in the process (`host_memory.py`): the default mission's
+fit, 300 steps on 2 cores of an AMD EPYC, took 351 s against 530 s, held-out scores identical,
+peak memory 9.7 GB against 7.1 GB.
 
 Loss per response token: ce_weight·CE(target's token) + kl_weight·KL(p_target ‖ q_draft) over
 K + 1 outcomes, the target's stored top-K ids plus one tail bucket (`topk_kl`). Records
@@ -68,6 +72,7 @@ from draft_training.examples import (
 )
 from draft_training.feature_training import reachable_rows
 from draft_training.head_rows import HeadRows
+from draft_training.host_memory import keep_freed_memory
 from draft_training.run import (
     DRAFTED_POSITION_DECAY,
     FitConfig,
@@ -546,6 +551,8 @@ def _train(
     config: FitConfig, checkpoint: dict[str, Any] | None, on_step: StepCallback | None
 ) -> FitResult:
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(config.seed)
     model = build_model(config).to(device).train()
     examples: list[Example] = load_examples(config.data, config.max_length)
@@ -567,7 +574,8 @@ def _train(
         heldout = _Heldout(load_examples(config.heldout_data, config.max_length))
 
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=True)
     scheduler = LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=total_steps)
     )
