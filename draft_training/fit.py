@@ -4,9 +4,7 @@ Methods: `afa-lora` (annealed activation, λ per `schedule.py`), `lora` (the sam
 λ = 0 throughout) and `full` (every draft weight trained). AdamW (fused: one kernel over all
 weights; on 2 CPU cores 0.04 s a step against 0.24 s for the default, mostly the tied
 embedding's 28 M weights) with linear warm-up then cosine decay to a tenth of the learning rate.
-On a CPU the run keeps freed memory in the process (`host_memory.py`): the default mission's
-fit, 300 steps on 2 cores of an AMD EPYC, took 351 s against 530 s, held-out scores identical,
-peak memory 9.7 GB against 7.1 GB.
+On a CPU the run keeps freed memory in the process (`host_memory.py`, with what it gains).
 
 Loss per response token: ce_weight·CE(target's token) + kl_weight·KL(p_target ‖ q_draft) over
 K + 1 outcomes, the target's stored top-K ids plus one tail bucket (`topk_kl`). Records

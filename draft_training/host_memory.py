@@ -5,8 +5,10 @@ A fit step frees and allocates again tensors of ~100 MB (the tied embedding's de
 glibc's malloc serves blocks that large with `mmap` and hands them back to the kernel when they
 are freed, so every step writes them as fresh pages and pays a page fault per 4 KiB. `mallopt`
 turns that off for the process: no `mmap` for any block (`M_MMAP_MAX` 0), and up to 2 GiB of
-freed memory at the heap's top kept (`M_TRIM_THRESHOLD`). The cost is memory not handed back to
-the kernel before the process ends.
+freed memory at the heap's top kept (`M_TRIM_THRESHOLD`). Measured on the default mission's fit
+(300 steps, 2 cores of an AMD EPYC, 2026-12-02; README): 351 s against 530 s, held-out scores
+identical. The cost is memory not handed back to the kernel before the process ends: peak 9.7 GB
+against 7.1 GB there.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 # Writes a 96 MiB tensor, frees it, then writes a 64 MiB one; prints each one's page faults.
 TWO_TENSORS = """
 import json, resource, sys
@@ -28,7 +26,6 @@ def _faults(mode: str) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
 def test_a_freed_tensors_memory_is_reused_without_faulting_its_pages_again():
     plain, kept = _faults("plain"), _faults("keep")
     assert kept["kept"] is True
