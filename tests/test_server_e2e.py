@@ -49,7 +49,7 @@ def test_greedy_through_the_server_equals_plain_target_decoding(
     server, real_target, real_tokenizer
 ):
     client = server.client(timeout=120)
-    common = dict(model=NAME, max_tokens=MAX_TOKENS, temperature=0)
+    common = {"model": NAME, "max_tokens": MAX_TOKENS, "temperature": 0}
     calls = {
         "completion": lambda: client.completions.create(prompt=COMPLETION_PROMPT, **common)
         .choices[0].text,

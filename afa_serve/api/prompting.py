@@ -82,7 +82,8 @@ def chat_prompt_ids(
             conversation, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False, **variables
         )
-    except Exception as error:  # the template's own checks (e.g. alternating roles)
+    except Exception as error:  # noqa: BLE001 - any error the template itself raises
+        # (its own checks, e.g. alternating roles) is the client's messages' fault
         logger.info("chat template refused the messages: %s", error)
         raise invalid_request(
             f"The chat template cannot render these messages: {error}", param="messages"

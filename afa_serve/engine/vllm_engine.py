@@ -363,18 +363,18 @@ class VllmEngine:
         if memory is None and device_type == "cpu":
             memory = CPU_MEMORY_UTILIZATION
         target = resolve_model(config.target)
-        settings: dict[str, Any] = dict(
-            model=target,
-            tokenizer=resolve_model(config.tokenizer) if config.tokenizer else target,
-            served_model_name=config.served_model_name or config.target,
-            dtype=dtype,
-            max_model_len=config.max_model_len,
-            tensor_parallel_size=config.tensor_parallel_size,
-            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-            enforce_eager=config.enforce_eager,
-            max_num_seqs=config.max_num_seqs,
-            disable_log_stats=True,  # no periodic log lines; our stat logger still gets stats
-        )
+        settings: dict[str, Any] = {
+            "model": target,
+            "tokenizer": resolve_model(config.tokenizer) if config.tokenizer else target,
+            "served_model_name": config.served_model_name or config.target,
+            "dtype": dtype,
+            "max_model_len": config.max_model_len,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
+            "enforce_eager": config.enforce_eager,
+            "max_num_seqs": config.max_num_seqs,
+            "disable_log_stats": True,  # no periodic log lines; our stat logger still gets stats
+        }
         if memory is not None:
             settings["gpu_memory_utilization"] = memory
         if config.seed is not None:

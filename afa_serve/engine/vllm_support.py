@@ -33,7 +33,7 @@ def vllm_unavailable_reason() -> str | None:
         return "vLLM is not installed"
     try:
         from vllm.platforms import current_platform
-    except Exception as error:  # a broken install: wrong torch, missing native library
+    except Exception as error:  # noqa: BLE001 - a broken install: wrong torch, missing library
         return f"vLLM is installed but does not import: {type(error).__name__}: {error}"
     if current_platform.is_unspecified():
         return "vLLM is installed but supports no device on this host (no GPU, not a CPU build)"

@@ -15,7 +15,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     transformers refuses to save a GGUF-loaded model, so the weights move into a model rebuilt
     from the same config without its `quantization_config`.
     """
-    source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
+    source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
     loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config

@@ -131,8 +131,8 @@ def speculative_decoding_panels() -> list[timeseries.Panel | table.Panel]:
               "or the draft declined). Torch engine.", "none",
               [(f"{rate(drafted_per_step + '_sum')} / {rate(drafted_per_step + '_count')}",
                 "mean {{model_name}}"),
-               (f"{rate(drafted_per_step + '_bucket', matchers=plain_steps)} / "
-                f"{rate(drafted_per_step + '_count')}", "plain share {{model_name}}")])
+               ((f"{rate(drafted_per_step + '_bucket', matchers=plain_steps)} / "
+                 f"{rate(drafted_per_step + '_count')}"), "plain share {{model_name}}")])
         .min(0),
         graph("Measured draft and verify cost",
               "What the policy weighs, measured live: c, a draft forward over a plain target "

