@@ -250,7 +250,7 @@ def mission(config: MissionConfig) -> None:
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
     only the steps that depend on it run again; a killed run resumes. At its defaults it takes
-    about 24 minutes on 2 CPU cores from an empty work folder (README). Then serve:
+    about 22 minutes on 2 CPU cores from an empty work folder (README). Then serve:
     afa-serve serve --draft "$(afa-train mission | tail -n 1)"
     """
     with _user_errors():

@@ -54,12 +54,13 @@ from draft_training.pipeline import (
 from draft_training.run import Method, final_path, metrics_path
 from draft_training.schedule import ScheduleKind
 
-# A mission sized for comparing arms: fewer prompts and shorter responses than `mission`'s.
+# A mission sized for comparing arms: fewer prompts, shorter responses and fewer steps than
+# `mission`'s (150, as in the README's table).
 # its own work dir: its data and its runs (`full`, `afa-lora-*`) share the mission's names but
 # not its settings, so in the mission's folder each would retrain the other's
 COMPARE_MISSION = MissionConfig(
     work_dir=Path("afa-train-work-compare"),
-    num_prompts=120, num_heldout=20, max_new_tokens=96, batch_size=8, lr=1e-3,
+    num_prompts=120, num_heldout=20, max_new_tokens=96, steps=150, batch_size=8, lr=1e-3,
     adapter=AfaLoraConfig(),
 )
 

@@ -75,20 +75,28 @@ Profile = Literal["default", "full"]
 # `--profile full`: more prompts, longer responses and more steps, early stopping on held-out
 # agreement. Given flags override each value. 800 steps: the truncated draft was under-trained
 # at 400 (on the profile's 2,000 answers held-out τ(4) 1.62 at 400 steps, 1.77 at 800; on
-# 4,000, 1.64 and 1.89; 2026-12-02, README). Patience 8: the held-out τ is noisy, and on the
-# 2,000 answers six evaluations in a row (steps 400–525) found no better one before it rose.
+# 4,000, 1.64 and 1.89; 2026-12-02, README).
 FULL_PROFILE: dict[str, Any] = {
     "work_dir": Path("afa-train-work-full"),
     "num_prompts": 2000,
     "max_new_tokens": 256,
     "steps": 800,
     "eval_every": 25,
-    "patience": 8,
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
 # the same fit reached held-out τ(4) 1.89 against 1.77 on 2,000; README).
 FULL_PROFILE_ON_VLLM: dict[str, Any] = {"num_prompts": 4000}
+# Optimiser steps of the default profile: on its 800 answers a truncated draft reached held-out
+# τ(4) 1.56 and 1.57 in 500 steps against 1.52 and 1.54 in 300 (vLLM's answers, seeds 0 and 1,
+# 2026-12-02; bench/results/mission_steps_2026-12-02.json); today's fit runs 500 in the time 300
+# took before it was sped up. A feature draft keeps 300 (`FEATURE_DRAFT`), as measured.
+DEFAULT_STEPS = 500
+# Held-out evaluations without a better τ before a fit stops. The held-out τ is noisy: on the
+# full profile's 2,000 answers six evaluations in a row (steps 400–525) found no better one
+# before it rose; at the default mission's 500 steps patience 3 stopped at step 225 with τ(4)
+# 1.49, patience 8 ran on to 1.59 at step 400 (torch path's answers, 2026-12-02).
+DEFAULT_PATIENCE = 8
 # Peak learning rate: the adapters' best at 177 k target tokens (README, "Results at scale"),
 # and full fine-tuning's on the default mission's 800 answers (held-out α 0.301 against 0.289 at
 # 1e-3 and 0.299 at 3e-3; bench/results/mission_fit_ablation.json).
@@ -98,13 +106,13 @@ DEFAULT_LR = 2e-3
 # 2026-12-01); at 1e-3 after 30 warm-up steps it learned steadily. Its steps cost little once
 # the target's features are cached, so the full profile gives it 1,500 (held-out α 0.397
 # against the truncated draft's 0.349 on the same 424 k tokens; README). Given flags override.
-FEATURE_DRAFT: dict[str, Any] = {"lr": 1e-3, "warmup_steps": 30}
+FEATURE_DRAFT: dict[str, Any] = {"lr": 1e-3, "warmup_steps": 30, "steps": 300}
 FULL_PROFILE_FEATURE: dict[str, Any] = {"steps": 1500, "eval_every": 100, "patience": 5}
 
 
 class MissionConfig(BaseModel):
     """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at about 24 minutes from an empty work folder; see the README). The draft is
+    at about 22 minutes from an empty work folder; see the README). The draft is
     fine-tuned in full by default: at 177 k target tokens it reached held-out α 0.233 where
     LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps; an adapter flag
     (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
@@ -147,7 +155,8 @@ class MissionConfig(BaseModel):
         20, ge=0, description="The target's top-k log-probabilities per token, for "
         "distillation.")
     adapter: AfaLoraConfig | None = None  # None (default, --method full): every weight
-    steps: int = Field(300, ge=1, description="Most optimiser steps.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Most optimiser steps; 300 for a "
+                       "feature draft.")
     batch_size: int = Field(16, ge=1, description="Examples per optimiser step.")
     lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate (AdamW, cosine decay), "
                       "for full fine-tuning and adapters alike; 1e-3 for a feature draft.")
@@ -163,7 +172,8 @@ class MissionConfig(BaseModel):
         "whole vocabulary.")
     eval_every: int = Field(25, ge=1, description="Optimiser steps between held-out evaluations.")
     patience: int | None = Field(
-        3, ge=1, description="Held-out evaluations without improvement before stopping.")
+        DEFAULT_PATIENCE, ge=1,
+        description="Held-out evaluations without improvement before stopping.")
     seed: int = Field(0, description="Seed for sampling, initialisation and data order.")
     device: DeviceName = Field("auto", description=DEVICE_HELP)
 

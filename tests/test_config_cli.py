@@ -102,6 +102,7 @@ def test_options_not_given_keep_the_default_instance_and_given_ones_replace_it()
 def test_nested_defaults_are_the_parents_default_instance():
     options = {o.name: o for o in derive_options(CompareConfig)}
     assert options["num_prompts"].parameter.default == COMPARE_MISSION.num_prompts == 120
+    assert options["steps"].parameter.default == COMPARE_MISSION.steps == 150  # not mission's
     assert CompareConfig.model_fields["mission"].default is COMPARE_MISSION
     assert options["work_dir"].parameter.default == Path("afa-train-work-compare")
 

@@ -443,8 +443,8 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert MissionConfig(profile="full", generate_engine="vllm", num_prompts=10).num_prompts == 10
     assert MissionConfig(generate_engine="vllm").num_prompts == 800  # the default profile
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
-    assert (default.adapter, default.lr, default.num_prompts, default.work_dir) == (
-        None, 2e-3, 800, Path("afa-train-work"))
+    assert (default.adapter, default.lr, default.num_prompts, default.steps, default.patience,
+            default.work_dir) == (None, 2e-3, 800, 500, 8, Path("afa-train-work"))
     assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3
     assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None
