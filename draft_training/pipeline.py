@@ -155,13 +155,14 @@ class MissionConfig(BaseModel):
         20, ge=0, description="The target's top-k log-probabilities per token, for "
         "distillation.")
     adapter: AfaLoraConfig | None = None  # None (default, --method full): every weight
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Most optimiser steps; 300 for a "
-                       "feature draft.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Most optimiser steps; "
+                       f"{FEATURE_DRAFT['steps']} for a feature draft.")
     batch_size: int = Field(16, ge=1, description="Examples per optimiser step.")
     lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate (AdamW, cosine decay), "
-                      "for full fine-tuning and adapters alike; 1e-3 for a feature draft.")
+                      "for full fine-tuning and adapters alike; "
+                      f"{FEATURE_DRAFT['lr']:g} for a feature draft.")
     warmup_steps: int = Field(0, ge=0, description="Optimiser steps of linear warm-up before "
-                              "the peak; 30 for a feature draft.")
+                              f"the peak; {FEATURE_DRAFT['warmup_steps']} for a feature draft.")
     kl_weight: float = Field(
         1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
     drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
