@@ -244,13 +244,13 @@ def eval_command(
 def mission(config: MissionConfig) -> None:
     """The whole pipeline: pull the target → choose prompts (training / held-out) →
     init-draft → generate the target's responses (with its top-k log-probabilities) → fit
-    (every weight by default, or an adapter: --method afa-lora / lora; cross-entropy + KL, best
-    held-out checkpoint) → merge (→ trim-vocab, the draft for vLLM). Prints the merged draft's
-    folder as its last line.
+    (every weight but the input embeddings by default, or an adapter: --method afa-lora /
+    lora; cross-entropy + KL, best held-out checkpoint) → merge (→ trim-vocab, the draft for
+    vLLM). Prints the merged draft's folder as its last line.
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
     only the steps that depend on it run again; a killed run resumes. At its defaults it takes
-    about 22 minutes on 2 CPU cores from an empty work folder (README). Then serve:
+    17–22 minutes on 2 CPU cores from an empty work folder (README). Then serve:
     afa-serve serve --draft "$(afa-train mission | tail -n 1)"
     """
     with _user_errors():

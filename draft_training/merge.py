@@ -34,7 +34,7 @@ from draft_training.agreement import DEFAULT_K
 from draft_training.examples import Batch, collate, load_examples, response_token_ids
 from draft_training.feature_training import FeatureDraftLM
 from draft_training.head_rows import HeadRows
-from draft_training.run import FitConfig, Method, read_config, trained_model
+from draft_training.run import FitConfig, Method, read_config, trained_model, untie_head
 
 SAMPLE_EXAMPLES = 4
 SAMPLE_LENGTH = 64
@@ -91,10 +91,8 @@ def merge_run(run_dir: Path, out: Path, overwrite: bool = False) -> MergeReport:
 def _zero_untrained_head_rows(model: torch.nn.Module, trained_rows: torch.Tensor) -> None:
     """Zero the head's rows outside `trained_rows`, in a head untied from the input embeddings
     (which keep every row as trained)."""
+    untie_head(model)
     head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
     untrained = torch.ones(head.weight.shape[0], dtype=torch.bool)
     untrained[trained_rows] = False
     with torch.no_grad():

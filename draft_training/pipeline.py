@@ -58,6 +58,7 @@ from draft_training.init_draft import DRAFT_KIND_HELP, DraftKind, InitDraftConfi
 from draft_training.merge import merge_run
 from draft_training.run import (
     DRAFTED_POSITIONS_HELP,
+    FREEZE_INPUT_EMBEDDINGS_HELP,
     FitConfig,
     config_path,
     final_path,
@@ -82,6 +83,7 @@ FULL_PROFILE: dict[str, Any] = {
     "max_new_tokens": 256,
     "steps": 800,
     "eval_every": 25,
+    "freeze_input_embeddings": False,  # not measured at this scale
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
@@ -101,20 +103,26 @@ DEFAULT_PATIENCE = 8
 # and full fine-tuning's on the default mission's 800 answers (held-out α 0.301 against 0.289 at
 # 1e-3 and 0.299 at 3e-3; bench/results/mission_fit_ablation.json).
 DEFAULT_LR = 2e-3
+# Full fine-tuning with the input embeddings frozen and the head untied: on the default
+# mission's 800 answers held-out α 0.346 / τ(4) 1.614 and 0.342 / 1.606 in seeds 0 and 1,
+# against 0.333 / 1.592 and 0.328 / 1.584 training both (2026-12-03;
+# bench/results/mission_regularisation_2026-12-03.json). Not measured on the full profile.
 # `--draft-kind feature`: one layer learning to predict the target's (post-norm) features. At
 # lr 2e-3 with no warm-up it diverged (cross-entropy 10.9 → 50–90 in the first steps,
 # 2026-12-01); at 1e-3 after 30 warm-up steps it learned steadily. Its steps cost little once
 # the target's features are cached, so the full profile gives it 1,500 (held-out α 0.397
 # against the truncated draft's 0.349 on the same 424 k tokens; README). Given flags override.
-FEATURE_DRAFT: dict[str, Any] = {"lr": 1e-3, "warmup_steps": 30, "steps": 300}
+FEATURE_DRAFT: dict[str, Any] = {
+    "lr": 1e-3, "warmup_steps": 30, "steps": 300, "freeze_input_embeddings": False}
 FULL_PROFILE_FEATURE: dict[str, Any] = {"steps": 1500, "eval_every": 100, "patience": 5}
 
 
 class MissionConfig(BaseModel):
     """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at about 22 minutes from an empty work folder; see the README). The draft is
-    fine-tuned in full by default: at 177 k target tokens it reached held-out α 0.233 where
-    LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps; an adapter flag
+    at 17–22 minutes from an empty work folder; see the README). The draft is
+    fine-tuned in full by default (its input embeddings kept as they are): at 177 k target
+    tokens it reached held-out α 0.233 where LoRA and AFA-LoRA adapters reached 0.18 on the same
+    tokens and steps; an adapter flag
     (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -166,6 +174,9 @@ class MissionConfig(BaseModel):
     kl_weight: float = Field(
         1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
     drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
+    freeze_input_embeddings: bool = Field(
+        True, description=f"{FREEZE_INPUT_EMBEDDINGS_HELP[:-1]}; off by default for the full "
+        "profile, adapters and feature drafts.")
     head_rows: int = Field(
         DEFAULT_ROWS, ge=0, description="Train the draft's head over the target's N most "
         "frequent response tokens only, the rows the engines serve (vLLM's trimmed vocabulary; "
@@ -191,12 +202,20 @@ class MissionConfig(BaseModel):
         defaults = {**(FULL_PROFILE if full else {}), **(FEATURE_DRAFT if feature else {}),
                     **(FULL_PROFILE_FEATURE if full and feature else {}),
                     **(FULL_PROFILE_ON_VLLM if full and engine == "vllm" else {})}
-        return full_means_no_adapter({**defaults, **data, "generate_engine": engine})
+        data = full_means_no_adapter({**defaults, **data, "generate_engine": engine})
+        if data.get("adapter") is not None:  # an adapter leaves the embeddings frozen already
+            data = {"freeze_input_embeddings": False, **data}
+        return data
 
     @model_validator(mode="after")
     def _feature_drafts_train_in_full(self) -> MissionConfig:
         if self.draft_kind == "feature" and self.adapter is not None:
             raise ValueError("a feature draft trains in full: drop the adapter (--method full)")
+        if self.freeze_input_embeddings and (self.adapter is not None
+                                             or self.draft_kind == "feature"):
+            raise ValueError("--freeze-input-embeddings is for full fine-tuning of a truncated "
+                             "draft: drop it (an adapter or a feature draft trains no "
+                             "embeddings)")
         if self.draft_kind != "feature" and self.drafted_positions > 1:
             raise ValueError("only a feature draft reads its own drafted positions: drop "
                              "--drafted-positions or add --draft-kind feature")
@@ -477,6 +496,7 @@ def draft_fit_config(
         device=config.device,
         kl_weight=config.kl_weight,
         drafted_positions=config.drafted_positions,
+        freeze_input_embeddings=config.freeze_input_embeddings,
         head_rows=config.head_rows,
         **evaluation,
     )

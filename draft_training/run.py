@@ -71,6 +71,11 @@ DRAFTED_POSITIONS_HELP = (
     f"{DRAFTED_POSITION_DECAY}^(p − 1). 1: the target's features only (EAGLE-1).")
 
 
+FREEZE_INPUT_EMBEDDINGS_HELP = (
+    "Full fine-tuning: keep the input embeddings as the initial draft has them and train the "
+    "head as a copy of its own (a tied head is untied).")
+
+
 class FitConfig(BaseModel):
     """Everything a run depends on. `adapter=None` means full fine-tuning of the draft."""
 
@@ -111,6 +116,7 @@ class FitConfig(BaseModel):
         "smooth-L1 from the draft's predicted feature to the target's at each response token "
         "(averaged over the hidden size).")
     drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
+    freeze_input_embeddings: bool = Field(False, description=FREEZE_INPUT_EMBEDDINGS_HELP)
     head_rows: int = Field(
         0, ge=0, description="Train the head over the N tokens most frequent in DATA's "
         "responses only, the rows the engines' trimmed heads serve (8192: vLLM's trim-vocab; "
@@ -140,6 +146,9 @@ class FitConfig(BaseModel):
     def _some_loss(self) -> FitConfig:
         if self.ce_weight == 0 and self.kl_weight == 0:
             raise ValueError("ce_weight and kl_weight are both 0: nothing to train on")
+        if self.freeze_input_embeddings and self.adapter is not None:
+            raise ValueError("an adapter leaves the embeddings frozen already: "
+                             "--freeze-input-embeddings is for --method full")
         return self
 
     @property
@@ -151,7 +160,7 @@ class FitConfig(BaseModel):
         self, handler: SerializerFunctionWrapHandler
     ) -> dict[str, Any]:
         # the mission's step keys stay as they were before `target`, `feature_weight`,
-        # `scored_data`, `head_rows` and `drafted_positions` existed
+        # `scored_data`, `head_rows`, `drafted_positions` and `freeze_input_embeddings` existed
         data = handler(self)
         if self.target is None:
             data.pop("target", None)
@@ -161,6 +170,8 @@ class FitConfig(BaseModel):
             data.pop("scored_data", None)
         if self.head_rows == 0:
             data.pop("head_rows", None)
+        if not self.freeze_input_embeddings:
+            data.pop("freeze_input_embeddings", None)
         if self.drafted_positions == 1:
             data.pop("drafted_positions", None)
         return data
@@ -215,6 +226,9 @@ def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
             raise ValueError(f"{config.draft} is a feature draft: it needs --target")
         if config.adapter is not None:
             raise ValueError("a feature draft (5 M parameters) trains in full: --method full")
+        if config.freeze_input_embeddings:
+            raise ValueError("a feature draft's embeddings are its target's, never trained: "
+                             "drop --freeze-input-embeddings")
         return build_feature_draft_lm(config.draft, config.target)
     if config.target is not None or config.feature_weight > 0 or config.drafted_positions > 1:
         raise ValueError(f"{config.draft} is not a feature draft: it reads no target (drop "
@@ -222,9 +236,20 @@ def build_model(config: FitConfig) -> PreTrainedModel | FeatureDraftLM:
     model = AutoModelForCausalLM.from_pretrained(resolve_model(config.draft), dtype=torch.float32)
     if config.adapter is None:
         model.requires_grad_(True)
+        if config.freeze_input_embeddings:
+            untie_head(model)
+            model.get_input_embeddings().requires_grad_(False)
     else:
         inject(model, config.adapter)
     return model
+
+
+def untie_head(model: PreTrainedModel) -> None:
+    """Give the head weights of its own, a copy of the input embeddings it was tied to."""
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -430,7 +430,7 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
     assert all(len(record["response_token_ids"]) <= 3 for record in answers().values())
 
 
-def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_its_sizes(
+def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_its_sizes(
     target_dir, prompts_file, tmp_path
 ):
     full = MissionConfig(profile="full")
@@ -461,6 +461,15 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     assert (default.warmup_steps, full.warmup_steps) == (0, 0)
     with pytest.raises(ValueError, match="compare needs the adapters' settings"):
         CompareConfig(mission=MissionConfig(adapter=None))
+    # the default profile's full fine-tuning keeps the input embeddings; nothing else does unless
+    # asked, and what trains no embeddings refuses the flag
+    assert [config.freeze_input_embeddings for config in (
+        default, full, feature, MissionConfig(adapter=AfaLoraConfig()))] == [
+        True, False, False, False]
+    assert MissionConfig(profile="full", freeze_input_embeddings=True).freeze_input_embeddings
+    for refused in ({"adapter": AfaLoraConfig()}, {"draft_kind": "feature"}):
+        with pytest.raises(ValueError, match="for full fine-tuning of a truncated draft"):
+            MissionConfig(**refused, freeze_input_embeddings=True)
 
     # on the command line, at a tiny size: flags override the profile's sizes; no adapter
     work = tmp_path / "work"
@@ -468,9 +477,20 @@ def test_the_mission_trains_every_weight_by_default_and_the_full_profile_fills_i
     stdout, stderr = invoke(*without_rank, "--profile", "full")
     assert Path(last_line(stdout)) == work / "drafts" / "full"
     run = read_config(work / "runs" / "full")
-    assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience) == (
-        None, 2e-3, 2, 25, 8)
+    assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience,
+            run.freeze_input_embeddings) == (None, 2e-3, 2, 25, 8, False)
     assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
+
+    # the default profile refits (its embeddings frozen) beside the cached answers
+    stdout, stderr = invoke(*without_rank)
+    assert "[skip] generate" in stderr and "[run]  fit-full" in stderr
+    assert read_config(work / "runs" / "full").freeze_input_embeddings
+    initial, merged = (AutoModelForCausalLM.from_pretrained(folder) for folder in (
+        work / "draft-init", Path(last_line(stdout))))
+    assert torch.equal(merged.get_input_embeddings().weight,
+                       initial.get_input_embeddings().weight)
+    assert not torch.equal(merged.get_output_embeddings().weight,
+                           merged.get_input_embeddings().weight)
 
     # a feature draft's fit gets its kind's peak and warm-up, beside the same cached answers
     stdout, stderr = invoke(*without_rank, "--draft-kind", "feature")

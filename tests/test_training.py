@@ -308,12 +308,14 @@ def kill_after(step_index: int):
     return on_step
 
 
-@pytest.mark.parametrize("method", ["afa-lora", "full"])
+@pytest.mark.parametrize("method", ["afa-lora", "full", "full-frozen-embeddings"])
 def test_a_killed_fit_resumes_to_the_same_weights_as_an_uninterrupted_run(
     draft_dir, data_file, tmp_path, method
 ):
-    adapter = None if method == "full" else AfaLoraConfig(rank=4, alpha=8, dropout=0.1)
-    whole = fit_config(draft_dir, data_file, tmp_path / "whole", adapter=adapter, grad_accum=2)
+    full = method.startswith("full")
+    adapter = None if full else AfaLoraConfig(rank=4, alpha=8, dropout=0.1)
+    whole = fit_config(draft_dir, data_file, tmp_path / "whole", adapter=adapter, grad_accum=2,
+                       freeze_input_embeddings=method == "full-frozen-embeddings")
     killed = whole.model_copy(update={"out": tmp_path / "killed"})
     fit(whole)
 
