@@ -83,7 +83,7 @@ FULL_PROFILE: dict[str, Any] = {
     "max_new_tokens": 256,
     "steps": 800,
     "eval_every": 25,
-    "freeze_input_embeddings": False,  # not measured at this scale
+    "freeze_input_embeddings": False,  # not measured at this scale (FREEZE_INPUT_EMBEDDINGS)
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
@@ -105,8 +105,10 @@ DEFAULT_PATIENCE = 8
 DEFAULT_LR = 2e-3
 # Full fine-tuning with the input embeddings frozen and the head untied: on the default
 # mission's 800 answers held-out α 0.346 / τ(4) 1.614 and 0.342 / 1.606 in seeds 0 and 1,
-# against 0.333 / 1.592 and 0.328 / 1.584 training both (2026-12-03;
-# bench/results/mission_regularisation_2026-12-03.json). Not measured on the full profile.
+# against 0.333 / 1.592 and 0.328 / 1.584 training both, and served faster in both of two runs
+# (2026-12-03; bench/results/mission_regularisation_2026-12-03.json). The full profile keeps
+# training both until it is measured there; adapters and feature drafts train no embeddings.
+FREEZE_INPUT_EMBEDDINGS = True
 # `--draft-kind feature`: one layer learning to predict the target's (post-norm) features. At
 # lr 2e-3 with no warm-up it diverged (cross-entropy 10.9 → 50–90 in the first steps,
 # 2026-12-01); at 1e-3 after 30 warm-up steps it learned steadily. Its steps cost little once
@@ -119,11 +121,10 @@ FULL_PROFILE_FEATURE: dict[str, Any] = {"steps": 1500, "eval_every": 100, "patie
 
 class MissionConfig(BaseModel):
     """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at 17–22 minutes from an empty work folder; see the README). The draft is
-    fine-tuned in full by default (its input embeddings kept as they are): at 177 k target
-    tokens it reached held-out α 0.233 where LoRA and AFA-LoRA adapters reached 0.18 on the same
-    tokens and steps; an adapter flag
-    (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
+    at 17–22 minutes from an empty work folder; see the README). The draft is fine-tuned in full
+    by default (its input embeddings kept as they are): at 177 k target tokens it reached
+    held-out α 0.233 where LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps;
+    an adapter flag (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -175,8 +176,8 @@ class MissionConfig(BaseModel):
         1.0, ge=0, description="Weight of the KL to the target's stored top-k.")
     drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
     freeze_input_embeddings: bool = Field(
-        True, description=f"{FREEZE_INPUT_EMBEDDINGS_HELP[:-1]}; off by default for the full "
-        "profile, adapters and feature drafts.")
+        FREEZE_INPUT_EMBEDDINGS, description=f"{FREEZE_INPUT_EMBEDDINGS_HELP[:-1]}; off by "
+        "default for the full profile, adapters and feature drafts.")
     head_rows: int = Field(
         DEFAULT_ROWS, ge=0, description="Train the draft's head over the target's N most "
         "frequent response tokens only, the rows the engines serve (vLLM's trimmed vocabulary; "
@@ -208,7 +209,7 @@ class MissionConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _feature_drafts_train_in_full(self) -> MissionConfig:
+    def _draft_kind_and_method_agree(self) -> MissionConfig:
         if self.draft_kind == "feature" and self.adapter is not None:
             raise ValueError("a feature draft trains in full: drop the adapter (--method full)")
         if self.freeze_input_embeddings and (self.adapter is not None
