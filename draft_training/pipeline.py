@@ -83,7 +83,10 @@ FULL_PROFILE: dict[str, Any] = {
     "max_new_tokens": 256,
     "steps": 800,
     "eval_every": 25,
-    "freeze_input_embeddings": False,  # not measured at this scale (FREEZE_INPUT_EMBEDDINGS)
+    # frozen input embeddings (FREEZE_INPUT_EMBEDDINGS) reached held-out τ(4) 1.76 against
+    # 1.71 in 800 steps (one seed, 2026-12-03), but patience 8 stopped that fit at step 275 on
+    # a lucky τ 1.49 at step 75 (bench/results/full_profile_freeze_2026-12-03.json)
+    "freeze_input_embeddings": False,
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
@@ -106,8 +109,8 @@ DEFAULT_LR = 2e-3
 # Full fine-tuning with the input embeddings frozen and the head untied: on the default
 # mission's 800 answers held-out α 0.346 / τ(4) 1.614 and 0.342 / 1.606 in seeds 0 and 1,
 # against 0.333 / 1.592 and 0.328 / 1.584 training both, and served faster in both of two runs
-# (2026-12-03; bench/results/mission_regularisation_2026-12-03.json). The full profile keeps
-# training both until it is measured there; adapters and feature drafts train no embeddings.
+# (2026-12-03; bench/results/mission_regularisation_2026-12-03.json). Not the full profile's
+# yet (`FULL_PROFILE`); adapters and feature drafts train no embeddings.
 FREEZE_INPUT_EMBEDDINGS = True
 # `--draft-kind feature`: one layer learning to predict the target's (post-norm) features. At
 # lr 2e-3 with no warm-up it diverged (cross-entropy 10.9 → 50–90 in the first steps,
