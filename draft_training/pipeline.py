@@ -83,9 +83,10 @@ FULL_PROFILE: dict[str, Any] = {
     "max_new_tokens": 256,
     "steps": 800,
     "eval_every": 25,
-    # frozen input embeddings (FREEZE_INPUT_EMBEDDINGS) reached held-out τ(4) 1.76 against
-    # 1.71 in 800 steps (one seed, 2026-12-03), but patience 8 stopped that fit at step 275 on
-    # a lucky τ 1.49 at step 75 (bench/results/full_profile_freeze_2026-12-03.json)
+    # frozen input embeddings (FREEZE_INPUT_EMBEDDINGS) reached held-out τ(4) 1.76 and 1.74
+    # against 1.71 and 1.71 in 800 steps (seeds 0 and 1, 2026-12-03), but patience 8 stopped the
+    # seed-0 fit at step 275 on a lucky τ 1.49 at step 75
+    # (bench/results/full_profile_freeze_2026-12-03.json)
     "freeze_input_embeddings": False,
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
