@@ -143,7 +143,7 @@ class FitConfig(BaseModel):
         return full_means_no_adapter(data)
 
     @model_validator(mode="after")
-    def _some_loss(self) -> FitConfig:
+    def _losses_and_method_agree(self) -> FitConfig:
         if self.ce_weight == 0 and self.kl_weight == 0:
             raise ValueError("ce_weight and kl_weight are both 0: nothing to train on")
         if self.freeze_input_embeddings and self.adapter is not None:
