@@ -641,9 +641,9 @@ def _train(
                 evaluation = _evaluate(config, model, heldout, device, autocast, step - 1, lam,
                                        rows)
                 append_jsonl(metrics_path(config.out), [evaluation])
-                patience = config.patience
-                stopped_early = patience is not None and heldout.evals_since_best >= patience
-                stopped_early = stopped_early and step < total_steps
+                stopped_early = (config.patience is not None
+                                 and heldout.evals_since_best >= config.patience
+                                 and config.min_steps <= step < total_steps)
             if step % config.checkpoint_every == 0 and step < total_steps and not stopped_early:
                 _save_checkpoint(
                     config, model, optimizer, scheduler, step, total_steps, lam, heldout

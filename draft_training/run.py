@@ -25,9 +25,11 @@ evaluation of weights trained at λ = 0 is *eligible* (AFA-LoRA weights before t
 annealing cannot be merged), so during annealing evaluations are logged but neither kept nor
 counted. The eligible evaluation with the highest τ (the earliest on a tie) is kept in
 best.safetensors; once `patience` eligible evaluations in a row fail to beat it, the run stops
-early. However the run ends, final.safetensors is written from the best weights: its `step`
-is the completed-step count of those weights (≤ `trained_steps`), so `merge`, `eval` and
-`resume` (which leaves a final run as it is) all work on the best weights.
+early, but never before `min_steps` optimiser steps (the first evaluations are noisy: one lucky
+early τ would otherwise end a run that is still rising). However the run ends,
+final.safetensors is written from the best weights: its `step` is the completed-step count of
+those weights (≤ `trained_steps`), so `merge`, `eval` and `resume` (which leaves a final run as
+it is) all work on the best weights.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class FitConfig(BaseModel):
     patience: int | None = Field(
         None, ge=1, description="Stop after this many held-out evaluations (at λ = 0) without a "
         "better τ (default: never stop early).")
+    min_steps: int = Field(
+        0, ge=0, description="Never stop early before this many optimiser steps (the earlier "
+        "evaluations still count towards --patience and the best weights).")
 
     @model_validator(mode="before")
     @classmethod
@@ -160,7 +165,8 @@ class FitConfig(BaseModel):
         self, handler: SerializerFunctionWrapHandler
     ) -> dict[str, Any]:
         # the mission's step keys stay as they were before `target`, `feature_weight`,
-        # `scored_data`, `head_rows`, `drafted_positions` and `freeze_input_embeddings` existed
+        # `scored_data`, `head_rows`, `drafted_positions`, `freeze_input_embeddings` and
+        # `min_steps` existed
         data = handler(self)
         if self.target is None:
             data.pop("target", None)
@@ -170,6 +176,8 @@ class FitConfig(BaseModel):
             data.pop("scored_data", None)
         if self.head_rows == 0:
             data.pop("head_rows", None)
+        if self.min_steps == 0:
+            data.pop("min_steps", None)
         if not self.freeze_input_embeddings:
             data.pop("freeze_input_embeddings", None)
         if self.drafted_positions == 1:

@@ -382,6 +382,28 @@ def test_early_stop_after_patience_evaluations_without_a_better_tau(
     assert fit(early).trained_steps == 6
 
 
+@pytest.mark.parametrize(("min_steps", "trained_steps", "tau"), [(7, 7, 2.0), (8, 8, 3.0)])
+def test_early_stopping_waits_for_min_steps(
+    draft_dir,  # noqa: F811
+    data_file,  # noqa: F811
+    heldout_file,
+    tmp_path,
+    monkeypatch,
+    min_steps,
+    trained_steps,
+    tau,
+):
+    # patience 2 is spent after 7 steps: min_steps 7 stops there, min_steps 8 runs on to the
+    # last step, whose τ of 3.0 becomes the best
+    run = heldout_config(draft_dir, data_file, heldout_file, tmp_path / "run", patience=2,
+                         min_steps=min_steps)
+    scripted_taus(monkeypatch, TAUS).run_dir = run.out
+    result = fit(run)
+    assert (result.trained_steps, result.tau) == (trained_steps, tau)
+    assert result.stopped_early == (trained_steps < 8)
+    assert read_config(run.out).min_steps == min_steps
+
+
 @pytest.mark.parametrize("kill_at", [4, 5])
 def test_a_killed_run_with_evaluations_resumes_to_the_same_best_and_stop(
     draft_dir,  # noqa: F811
@@ -443,13 +465,14 @@ def test_fit_command_takes_the_new_settings(draft_dir, data_file, heldout_file, 
     args = ["fit", "--draft", draft_dir, "--data", data_file, "--out", out, "--method", "lora"]
     args += ["--rank", 4, "--max-steps", 4, "--batch-size", 2, "--kl-weight", 0.5]
     args += ["--ce-weight", 2, "--heldout-data", heldout_file, "--eval-every", 2]
-    args += ["--patience", 3, "--autocast", "off", "--no-length-bucketing"]
+    args += ["--patience", 3, "--min-steps", 2, "--autocast", "off", "--no-length-bucketing"]
     result = CliRunner().invoke(app, [str(arg) for arg in args])
     assert result.exit_code == 0, result.output
     assert "final weights: the best held-out τ(4)" in result.stderr
     config = read_config(out)
     assert (config.kl_weight, config.ce_weight, config.heldout_data) == (0.5, 2.0, heldout_file)
-    assert (config.eval_every, config.patience, config.autocast) == (2, 3, "off")
+    assert (config.eval_every, config.patience, config.min_steps, config.autocast) == (
+        2, 3, 2, "off")
     assert not config.length_bucketing
     assert [record["step"] for record in records(out, "eval")] == [1, 3]
 
