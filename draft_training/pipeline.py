@@ -74,20 +74,16 @@ DEFAULT_PROMPT_SETS = ("sharegpt",)
 DEFAULT_HELDOUT_SETS = ("alpaca-eval", "arena-hard-en", "mt-bench")
 Profile = Literal["default", "full"]
 # `--profile full`: more prompts, longer responses and more steps, early stopping on held-out
-# agreement. Given flags override each value. 800 steps: the truncated draft was under-trained
+# agreement. Given flags override each value. 1,200 steps: the truncated draft was under-trained
 # at 400 (on the profile's 2,000 answers held-out τ(4) 1.62 at 400 steps, 1.77 at 800; on
-# 4,000, 1.64 and 1.89; 2026-12-02, README).
+# 4,000, 1.64 and 1.89; 2026-12-02, README), and with its input embeddings frozen 1,200 steps
+# reached 1.79 where 800 reached 1.76 (2026-12-03; full_profile_freeze_2026-12-03.json).
 FULL_PROFILE: dict[str, Any] = {
     "work_dir": Path("afa-train-work-full"),
     "num_prompts": 2000,
     "max_new_tokens": 256,
-    "steps": 800,
+    "steps": 1200,
     "eval_every": 25,
-    # frozen input embeddings (FREEZE_INPUT_EMBEDDINGS) reached held-out τ(4) 1.76 and 1.74
-    # against 1.71 and 1.71 in 800 steps (seeds 0 and 1, 2026-12-03), but patience 8 stopped the
-    # seed-0 fit at step 275 on a lucky τ 1.49 at step 75
-    # (bench/results/full_profile_freeze_2026-12-03.json)
-    "freeze_input_embeddings": False,
 }
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
@@ -103,6 +99,11 @@ DEFAULT_STEPS = 500
 # before it rose; at the default mission's 500 steps patience 3 stopped at step 225 with τ(4)
 # 1.49, patience 8 ran on to 1.59 at step 400 (torch path's answers, 2026-12-02).
 DEFAULT_PATIENCE = 8
+# The share of a mission's steps before early stopping may end its fit. The first evaluations
+# are noisy and the cosine schedule's best comes late: on the full profile's answers a fit with
+# frozen input embeddings was at τ(4) 1.49 at step 75, 1.41-1.47 from 100 to 275 and 1.76 at
+# 750, but patience 8 stopped it at step 275 (2026-12-03; full_profile_freeze_2026-12-03.json).
+EARLY_STOPPING_FROM = 0.5
 # Peak learning rate: the adapters' best at 177 k target tokens (README, "Results at scale"),
 # and full fine-tuning's on the default mission's 800 answers (held-out α 0.301 against 0.289 at
 # 1e-3 and 0.299 at 3e-3; bench/results/mission_fit_ablation.json).
@@ -110,8 +111,9 @@ DEFAULT_LR = 2e-3
 # Full fine-tuning with the input embeddings frozen and the head untied: on the default
 # mission's 800 answers held-out α 0.346 / τ(4) 1.614 and 0.342 / 1.606 in seeds 0 and 1,
 # against 0.333 / 1.592 and 0.328 / 1.584 training both, and served faster in both of two runs
-# (2026-12-03; bench/results/mission_regularisation_2026-12-03.json). Not the full profile's
-# yet (`FULL_PROFILE`); adapters and feature drafts train no embeddings.
+# (2026-12-03; bench/results/mission_regularisation_2026-12-03.json); on the full profile's
+# answers τ(4) 1.76 and 1.74 against 1.71 and 1.71 in 800 steps (seeds 0 and 1, 2026-12-03;
+# full_profile_freeze_2026-12-03.json). Adapters and feature drafts train no embeddings.
 FREEZE_INPUT_EMBEDDINGS = True
 # `--draft-kind feature`: one layer learning to predict the target's (post-norm) features. At
 # lr 2e-3 with no warm-up it diverged (cross-entropy 10.9 → 50–90 in the first steps,
@@ -181,7 +183,7 @@ class MissionConfig(BaseModel):
     drafted_positions: int = Field(1, ge=1, le=8, description=DRAFTED_POSITIONS_HELP)
     freeze_input_embeddings: bool = Field(
         FREEZE_INPUT_EMBEDDINGS, description=f"{FREEZE_INPUT_EMBEDDINGS_HELP[:-1]}; off by "
-        "default for the full profile, adapters and feature drafts.")
+        "default for adapters and feature drafts.")
     head_rows: int = Field(
         DEFAULT_ROWS, ge=0, description="Train the draft's head over the target's N most "
         "frequent response tokens only, the rows the engines serve (vLLM's trimmed vocabulary; "
@@ -191,6 +193,9 @@ class MissionConfig(BaseModel):
     patience: int | None = Field(
         DEFAULT_PATIENCE, ge=1,
         description="Held-out evaluations without improvement before stopping.")
+    min_steps: int | None = Field(
+        None, ge=0, description="Optimiser steps before early stopping may end the fit "
+        f"(default: {EARLY_STOPPING_FROM:.0%} of --steps).")
     seed: int = Field(0, description="Seed for sampling, initialisation and data order.")
     device: DeviceName = Field("auto", description=DEVICE_HELP)
 
@@ -225,6 +230,13 @@ class MissionConfig(BaseModel):
             raise ValueError("only a feature draft reads its own drafted positions: drop "
                              "--drafted-positions or add --draft-kind feature")
         return self
+
+    @property
+    def early_stopping_from(self) -> int:
+        """Optimiser steps before early stopping may end the fit."""
+        if self.min_steps is not None:
+            return self.min_steps
+        return int(self.steps * EARLY_STOPPING_FROM)
 
     @property
     def run_name(self) -> str:
@@ -486,6 +498,7 @@ def draft_fit_config(
         "heldout_data": prepared.heldout_data.output,
         "eval_every": config.eval_every,
         "patience": config.patience,
+        "min_steps": config.early_stopping_from,
     } if heldout else {}
     return FitConfig(
         draft=str(prepared.draft_init.output),

@@ -435,14 +435,17 @@ def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_it
 ):
     full = MissionConfig(profile="full")
     assert (full.work_dir, full.num_prompts, full.max_new_tokens, full.adapter, full.lr,
-            full.steps, full.eval_every, full.patience) == (
-        Path("afa-train-work-full"), 2000, 256, None, 2e-3, 800, 25, 8)
+            full.steps, full.eval_every, full.patience, full.early_stopping_from) == (
+        Path("afa-train-work-full"), 2000, 256, None, 2e-3, 1200, 25, 8, 600)
+    # early stopping waits for half the steps unless told otherwise
+    assert MissionConfig(steps=300).early_stopping_from == 150
+    assert MissionConfig(steps=300, min_steps=0).early_stopping_from == 0
     assert MissionConfig(profile="full", num_prompts=10, steps=3).num_prompts == 10
     # where vLLM answers (two to three times as fast) the profile answers twice the prompts; this
     # suite's venv has no vLLM, so auto is the torch path (tests/vllm checks auto with vLLM)
     assert full.generate_engine == "torch"
     on_vllm = MissionConfig(profile="full", generate_engine="vllm")
-    assert (on_vllm.num_prompts, on_vllm.steps) == (4000, 800)
+    assert (on_vllm.num_prompts, on_vllm.steps) == (4000, 1200)
     assert MissionConfig(profile="full", generate_engine="vllm", num_prompts=10).num_prompts == 10
     assert MissionConfig(generate_engine="vllm").num_prompts == 800  # the default profile
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
@@ -461,12 +464,12 @@ def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_it
     assert (default.warmup_steps, full.warmup_steps) == (0, 0)
     with pytest.raises(ValueError, match="compare needs the adapters' settings"):
         CompareConfig(mission=MissionConfig(adapter=None))
-    # the default profile's full fine-tuning keeps the input embeddings; nothing else does unless
+    # full fine-tuning of a truncated draft keeps the input embeddings; nothing else does unless
     # asked, and what trains no embeddings refuses the flag
     assert [config.freeze_input_embeddings for config in (
         default, full, feature, MissionConfig(adapter=AfaLoraConfig()))] == [
-        True, False, False, False]
-    assert MissionConfig(profile="full", freeze_input_embeddings=True).freeze_input_embeddings
+        True, True, False, False]
+    assert not MissionConfig(freeze_input_embeddings=False).freeze_input_embeddings
     for refused in ({"adapter": AfaLoraConfig()}, {"draft_kind": "feature"}):
         with pytest.raises(ValueError, match="for full fine-tuning of a truncated draft"):
             MissionConfig(**refused, freeze_input_embeddings=True)
@@ -477,20 +480,23 @@ def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_it
     stdout, stderr = invoke(*without_rank, "--profile", "full")
     assert Path(last_line(stdout)) == work / "drafts" / "full"
     run = read_config(work / "runs" / "full")
-    assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience,
-            run.freeze_input_embeddings) == (None, 2e-3, 2, 25, 8, False)
+    assert (run.adapter, run.lr, run.max_steps, run.eval_every, run.patience, run.min_steps,
+            run.freeze_input_embeddings) == (None, 2e-3, 2, 25, 8, 1, True)
     assert "[run]  fit-full" in stderr and "[run]  merge-full" in stderr
-
-    # the default profile refits (its embeddings frozen) beside the cached answers
-    stdout, stderr = invoke(*without_rank)
-    assert "[skip] generate" in stderr and "[run]  fit-full" in stderr
-    assert read_config(work / "runs" / "full").freeze_input_embeddings
     initial, merged = (AutoModelForCausalLM.from_pretrained(folder) for folder in (
         work / "draft-init", Path(last_line(stdout))))
     assert torch.equal(merged.get_input_embeddings().weight,
                        initial.get_input_embeddings().weight)
     assert not torch.equal(merged.get_output_embeddings().weight,
                            merged.get_input_embeddings().weight)
+
+    # the default profile training every weight refits beside the cached answers
+    stdout, stderr = invoke(*without_rank, "--no-freeze-input-embeddings")
+    assert "[skip] generate" in stderr and "[run]  fit-full" in stderr
+    assert not read_config(work / "runs" / "full").freeze_input_embeddings
+    merged = AutoModelForCausalLM.from_pretrained(last_line(stdout))
+    assert not torch.equal(merged.get_input_embeddings().weight,
+                           initial.get_input_embeddings().weight)
 
     # a feature draft's fit gets its kind's peak and warm-up, beside the same cached answers
     stdout, stderr = invoke(*without_rank, "--draft-kind", "feature")
