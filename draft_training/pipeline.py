@@ -77,7 +77,8 @@ Profile = Literal["default", "full"]
 # agreement. Given flags override each value. 1,200 steps: the truncated draft was under-trained
 # at 400 (on the profile's 2,000 answers held-out τ(4) 1.62 at 400 steps, 1.77 at 800; on
 # 4,000, 1.64 and 1.89; 2026-12-02, README), and with its input embeddings frozen 1,200 steps
-# reached 1.79 where 800 reached 1.76 (2026-12-03; full_profile_freeze_2026-12-03.json).
+# reached 1.79 and 1.82 where 800 reached 1.76 and 1.74 (seeds 0 and 1, 2026-12-03;
+# full_profile_freeze_2026-12-03.json).
 FULL_PROFILE: dict[str, Any] = {
     "work_dir": Path("afa-train-work-full"),
     "num_prompts": 2000,
@@ -101,7 +102,7 @@ DEFAULT_STEPS = 500
 DEFAULT_PATIENCE = 8
 # The share of a mission's steps before early stopping may end its fit. The first evaluations
 # are noisy and the cosine schedule's best comes late: on the full profile's answers a fit with
-# frozen input embeddings was at τ(4) 1.49 at step 75, 1.41-1.47 from 100 to 275 and 1.76 at
+# frozen input embeddings was at τ(4) 1.49 at step 75, 1.40-1.48 from 100 to 275 and 1.76 at
 # 750, but patience 8 stopped it at step 275 (2026-12-03; full_profile_freeze_2026-12-03.json).
 EARLY_STOPPING_FROM = 0.5
 # Peak learning rate: the adapters' best at 177 k target tokens (README, "Results at scale"),
