@@ -89,7 +89,7 @@ FULL_PROFILE: dict[str, Any] = {
 # vLLM answers two to three times as fast as Hugging Face generate (`generate.ENGINE_HELP`), so
 # with vLLM the full profile answers twice the prompts in about the same time (on 4,000 answers
 # the same fit reached held-out τ(4) 1.89 against 1.77 on 2,000; README). Timed from an empty
-# work folder with today's 1,200 steps: 66 minutes, τ(4) 1.93 (an AMD VM, 2026-12-03;
+# work folder with 1,200 steps: 66 minutes, τ(4) 1.93 (an AMD VM, 2026-12-03;
 # full_profile_vllm_1200_steps_2026-12-03.json).
 FULL_PROFILE_ON_VLLM: dict[str, Any] = {"num_prompts": 4000}
 # Optimiser steps of the default profile: on its 800 answers a truncated draft reached held-out
