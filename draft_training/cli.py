@@ -97,8 +97,9 @@ def generate(config: GenerateConfig) -> None:
 
     Rerun the same command after an interruption: prompts already answered in OUT are skipped.
     With --top-k-logprobs K (default 20) the target's top-K log-probabilities of every response
-    token go to OUT's .topk/ folder (data.jsonl -> data.topk/), for distillation. On CPU
-    --dtype bfloat16 runs about twice as fast as the default float32, but its greedy tokens then
+    token go to OUT's .topk/ folder (data.jsonl -> data.topk/), for distillation. On a CPU
+    with bfloat16 instructions (AVX512-BF16, AMX) --dtype bfloat16 runs about twice as fast as
+    the default float32 (elsewhere it is emulated, and slower), but its greedy tokens then
     depend on the batch a prompt lands in; float32 gives the same tokens whatever the batch.
     """
     with _user_errors():

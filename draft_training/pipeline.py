@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from afa_serve.atomic import write_json, write_jsonl
 from afa_serve.descriptions import DEVICE_HELP, TARGET_HELP
-from afa_serve.engine.loading import DeviceName, DTypeName
+from afa_serve.engine.loading import DeviceName, DTypeName, fastest_dtype_name, resolve_device
 from afa_serve.engine.vllm_support import EngineName, resolve_engine
 from afa_serve.models.resolve import resolve_model
 from afa_serve.prompts import Prompt, load_prompts, text_key
@@ -166,9 +166,10 @@ class MissionConfig(BaseModel):
     generate_engine: EngineName = Field("auto", description=ENGINE_HELP)
     generate_batch_size: int = Field(
         DEFAULT_BATCH_SIZE, ge=1, description="Prompts the target answers at once.")
-    generate_dtype: DTypeName = Field(
-        "bfloat16", description="The target's dtype while it answers (bfloat16: about twice "
-        "as fast on CPU).")
+    generate_dtype: DTypeName | None = Field(
+        None, description="The target's dtype while it answers (default: bfloat16 where this "
+        "machine runs it natively, CUDA or a CPU with AVX512-BF16 or AMX, about twice as fast "
+        "there; else float32, faster where bfloat16 is emulated).")
     top_k_logprobs: int = Field(
         20, ge=0, description="The target's top-k log-probabilities per token, for "
         "distillation.")
@@ -233,6 +234,13 @@ class MissionConfig(BaseModel):
             raise ValueError("only a feature draft reads its own drafted positions: drop "
                              "--drafted-positions or add --draft-kind feature")
         return self
+
+    @property
+    def answering_dtype(self) -> str:
+        """The target's dtype while it answers: `generate_dtype`, else the machine's fastest."""
+        if self.generate_dtype is not None:
+            return self.generate_dtype
+        return fastest_dtype_name(resolve_device(self.device).type)
 
     @property
     def early_stopping_from(self) -> int:
@@ -408,7 +416,7 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
         batch_size=config.generate_batch_size,
         engine=config.generate_engine,
         seed=config.seed,
-        dtype=config.generate_dtype,
+        dtype=config.answering_dtype,
         device=config.device,
         top_k_logprobs=config.top_k_logprobs,
     )

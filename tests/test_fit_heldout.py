@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from afa_serve.engine import loading
 from draft_training import fit as fit_module
 from draft_training.agreement import (
     Agreement,
@@ -196,6 +198,34 @@ def test_bfloat16_autocast_trains_on_cpu(draft_dir, data_file, tmp_path):  # noq
     run = fit_config(draft_dir, data_file, tmp_path / "bf16", max_steps=4, autocast="bfloat16")
     assert fit(run).steps == 4
     assert all(math.isfinite(record["loss"]) for record in records(run.out))
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(),
+                    reason="reads an x86 Linux CPU's flags")
+def test_native_bfloat16_is_what_the_cpu_flags_say_not_what_onednn_emulates():
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert loading.cpu_runs_bfloat16_natively() == native
+    assert loading.fastest_dtype_name("cpu") == ("bfloat16" if native else "float32")
+    assert loading.fastest_dtype_name("cuda") == "bfloat16"
+
+
+def test_auto_autocast_is_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(loading, "cpu_runs_bfloat16_natively", lambda native=native: native)
+        with fit_module.autocast_context("auto", cpu):
+            assert torch.is_autocast_enabled("cpu") == native
+        with fit_module.autocast_context("bfloat16", cpu):
+            assert torch.is_autocast_enabled("cpu")
+        with fit_module.autocast_context("off", cpu):
+            assert not torch.is_autocast_enabled("cpu")
 
 
 # --- length bucketing -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
+from afa_serve.engine import loading
 from draft_training.afa_lora import AfaLoraConfig
 from draft_training.cli import app
 from draft_training.compare import CompareConfig
@@ -329,6 +330,11 @@ def test_mission_caches_every_step_and_reruns_only_what_a_change_touches(
     assert Path(last_line(stdout)) == draft
     assert all(f"[skip] {step}" in stderr for step in steps) and "[run]" not in stderr
     assert finished() == before
+    # the target answered in this machine's fastest dtype: naming it changes nothing
+    fastest = loading.fastest_dtype_name("cpu")
+    stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=4),
+                            "--generate-dtype", fastest)
+    assert all(f"[skip] {step}" in stderr for step in steps) and "[run]" not in stderr
 
     stdout, stderr = invoke(*mission_args(target_dir, prompts_file, work, steps=5))
     assert all(f"[skip] {step}" in stderr
@@ -428,6 +434,15 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
     stderr = run(5, "--split-seed", seed, "--max-new-tokens", 3)  # another generation setting
     assert "[keep] generate:" not in stderr and "[run]  generate" in stderr
     assert all(len(record["response_token_ids"]) <= 3 for record in answers().values())
+
+
+def test_the_mission_answers_in_the_machines_fastest_dtype_unless_told(monkeypatch):
+    for native, fastest in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(loading, "cpu_runs_bfloat16_natively", lambda native=native: native)
+        assert MissionConfig(device="cpu").answering_dtype == fastest
+        assert MissionConfig(device="cpu", generate_dtype="bfloat16").answering_dtype == \
+            "bfloat16"
+        assert MissionConfig(device="cpu", generate_dtype="float32").answering_dtype == "float32"
 
 
 def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_its_sizes(
