@@ -129,8 +129,9 @@ FULL_PROFILE_FEATURE: dict[str, Any] = {"steps": 1500, "eval_every": 100, "patie
 
 
 class MissionConfig(BaseModel):
-    """Defaults sized for at most 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (timed
-    at 17–22 minutes from an empty work folder; see the README). The draft is fine-tuned in full
+    """Defaults sized for at most 30 minutes on 2 CPU cores with native bfloat16 and
+    SmolLM2-135M-Instruct (timed at 17–22 minutes from an empty work folder; about an hour on a
+    CPU that emulates bfloat16, estimated; see the README). The draft is fine-tuned in full
     by default (its input embeddings kept as they are): at 177 k target tokens it reached
     held-out α 0.233 where LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps;
     an adapter flag (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
@@ -138,7 +139,8 @@ class MissionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: Profile = Field(
-        "default", description="default: sized for about 30 minutes on 2 CPU cores; full: the "
+        "default", description="default: sized for about 30 minutes on 2 CPU cores with "
+        "native bfloat16 (about an hour without); full: the "
         f"headline run ({FULL_PROFILE['num_prompts']:,} prompts, "
         f"{FULL_PROFILE_ON_VLLM['num_prompts']:,} where vLLM answers, "
         f"{FULL_PROFILE['max_new_tokens']}-token responses, up to {FULL_PROFILE['steps']} "
