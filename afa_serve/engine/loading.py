@@ -30,7 +30,9 @@ def resolve_device(device: DeviceName | str) -> torch.device:
 
 def resolve_dtype_name(dtype: DTypeName, device_type: str) -> str:
     """`auto`: bfloat16 on CUDA, float32 elsewhere (exact greedy equality holds best in float32);
-    the one rule, for both engines and the trainer."""
+    the one rule for a `--dtype auto`, on both engines and in the trainer's commands. Where the
+    trainer picks a dtype for speed alone (the mission's answers, fit's autocast), it takes
+    `fastest_dtype_name`."""
     if dtype == "auto":
         return "bfloat16" if device_type == "cuda" else "float32"
     return dtype
