@@ -95,7 +95,8 @@ def init_draft_command(config: InitDraftConfig) -> None:
 def generate(config: GenerateConfig) -> None:
     """Record the target's own responses to a prompt set: the data a draft learns from.
 
-    Rerun the same command after an interruption: prompts already answered in OUT are skipped.
+    Rerun the same command after an interruption: prompts already answered in OUT are skipped
+    (and with --max-minutes the time already spent counts).
     With --top-k-logprobs K (default 20) the target's top-K log-probabilities of every response
     token go to OUT's .topk/ folder (data.jsonl -> data.topk/), for distillation. On a CPU
     with bfloat16 instructions (AVX512-BF16, AMX) --dtype bfloat16 runs about twice as fast as
@@ -105,9 +106,13 @@ def generate(config: GenerateConfig) -> None:
     with _user_errors():
         summary = generate_responses(config)
     rate = summary.new_tokens / summary.seconds if summary.seconds else 0.0
+    left = summary.prompts - summary.already_done - summary.generated
+    out_of_time = (f"; {left} left unanswered: --max-minutes {config.max_minutes:g} spent"
+                   if summary.out_of_time else "")
     _log(
         f"{summary.generated} responses generated ({summary.new_tokens} tokens, "
         f"{rate:.1f} tok/s), {summary.already_done} already done, of {summary.prompts}"
+        f"{out_of_time}"
     )
     typer.echo(summary.out)
 
@@ -251,7 +256,8 @@ def mission(config: MissionConfig) -> None:
 
     Every step is cached in WORK-DIR: run it again and it returns at once; change a setting and
     only the steps that depend on it run again; a killed run resumes. At its defaults it takes
-    17–22 minutes on 2 CPU cores from an empty work folder (README). Then serve:
+    17–25 minutes on 2 CPU cores with native bfloat16 from an empty work folder, and about 30 at
+    most on slower ones, where answering stops after 13 minutes (README). Then serve:
     afa-serve serve --draft "$(afa-train mission | tail -n 1)"
     """
     with _user_errors():

@@ -61,7 +61,7 @@ from draft_training.schedule import ScheduleKind
 COMPARE_MISSION = MissionConfig(
     work_dir=Path("afa-train-work-compare"),
     num_prompts=120, num_heldout=20, max_new_tokens=96, steps=150, batch_size=8, lr=1e-3,
-    adapter=AfaLoraConfig(),
+    adapter=AfaLoraConfig(), generate_max_minutes=0,  # every arm learns from all 120 answers
 )
 
 

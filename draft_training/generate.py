@@ -5,9 +5,11 @@ Batched, greedy unless a temperature is given, by one of two engines behind one 
 out): vLLM's offline `LLM.generate` (`vllm_generate.py`) where vLLM runs (`--engine auto`,
 the default, or `vllm`), else Hugging Face `generate` with left padding (`HfGenerator`,
 `torch`). Resumable: the JSONL output gains one durable append (flush + fsync) per finished
-batch, and a rerun skips the prompt ids already there. Prompts are sorted by length so that a
-batch pads little. On CPU the torch path attends with `cpu_decode_attention`, which spares the
-per-step copies of the key/value cache that make Hugging Face's own attention slow at batch
+batch, and a rerun skips the prompt ids already there. Prompts are batched by length so that a
+batch pads little, and the batches taken in an order that spreads any first few across all
+lengths (`answering_order`). With `max_minutes` answering stops once that much generation time
+has been spent, counted across resumed runs (`OUT.seconds.json`). On CPU the torch path
+attends with `cpu_decode_attention`, which spares the per-step copies of the key/value cache that make Hugging Face's own attention slow at batch
 sizes worth running.
 
 With `top_k_logprobs` K > 0 (the default, 20) each batch also writes one shard of the target's
@@ -18,6 +20,7 @@ into `topk_store.topk_dir(out)` -- before the batch's records, which point into 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +41,7 @@ from rich.progress import (
 from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from afa_serve.atomic import append_jsonl, recover_jsonl, write_jsonl
+from afa_serve.atomic import append_jsonl, recover_jsonl, write_json, write_jsonl
 from afa_serve.descriptions import DEVICE_HELP, DTYPE_HELP, PROMPTS_HELP, TARGET_HELP
 from afa_serve.engine.loading import (
     DeviceName,
@@ -57,6 +60,14 @@ from draft_training.topk_store import attach_topk, topk_dir
 # to 32 rows (float32 80 -> 96, bfloat16 152 -> 177 from 16 rows) and little beyond (64 rows:
 # 100, 191), while padding and the longest row's tail cost more the wider a batch.
 DEFAULT_BATCH_SIZE = 32
+# A batch's rows x positions (prompt + new tokens) at most: 32 rows of up to 192 prompt tokens
+# with 192 new ones. Without it a batch of ShareGPT's longest prompts (1,174 to 2,032 tokens, 32
+# rows) took 215 s on 2 cores, against 23 s on average for the 31 batches before it (median
+# prompt 60 tokens), and a time limit could be overrun by as much; with it 256 of the mission's
+# prompts were answered in 262 s against 313, the longest batch 36.7 s against 138.6
+# (2026-12-07, SmolLM2-135M, bfloat16, an AMD EPYC VM;
+# bench/results/generate_batch_tokens_2026-12-07.json).
+DEFAULT_BATCH_TOKENS = 32 * (192 + 192)
 # On ShareGPT prompts vLLM's continuous batching answers two to three times as fast as batched
 # Hugging Face generate, which waits for each batch's longest row (2026-12-02, 2 vCPUs, bfloat16,
 # top-20, 256 new tokens: 314 against 114 tok/s on 250 of the full profile's prompts; its 4,000
@@ -75,6 +86,11 @@ class GenerateConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Use the first N prompts only.")
     max_new_tokens: int = Field(256, ge=1, description="The longest response, in tokens.")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Prompts generated at once.")
+    max_batch_tokens: int = Field(
+        DEFAULT_BATCH_TOKENS, ge=1, description="A batch's rows times the positions of its "
+        "longest row (prompt + max new tokens) at most, so that long prompts come fewer to a "
+        "batch, bounding a batch's time and memory (one prompt a batch where a single one "
+        "exceeds it). The torch path's: vLLM pages its cache and pads nothing.")
     temperature: float = Field(
         0.0, ge=0.0, description="0: greedy (what a greedy server's draft must predict).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling's share.")
@@ -86,6 +102,11 @@ class GenerateConfig(BaseModel):
     top_k_logprobs: int = Field(
         20, ge=0, description="Store the target's top-K log-probabilities of every response "
         "token in OUT's .topk/ folder, for distillation (0: none).")
+    max_minutes: float = Field(
+        0.0, ge=0.0, description="Stop answering once this many minutes of generation have been "
+        "spent, counted across resumed runs (the batch under way finishes; the engine's start-up "
+        "is not counted); those answered are then spread over the prompts' lengths. 0: answer "
+        "every prompt.")
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,17 @@ class GenerateSummary:
     generated: int
     new_tokens: int
     seconds: float
+    out_of_time: bool = False  # prompts were left unanswered when max_minutes ran out
+
+
+def spent_seconds_path(out: Path) -> Path:
+    """Where the generation seconds spent on `out` so far are kept (for `max_minutes`)."""
+    return out.with_name(out.name + ".seconds.json")
+
+
+def spent_seconds(out: Path) -> float:
+    path = spent_seconds_path(out)
+    return json.loads(path.read_text())["seconds"] if path.exists() else 0.0
 
 
 def token_progress(label: str) -> Progress:
@@ -397,11 +429,14 @@ def generate_responses(
     done = {record["id"] for record in existing}
     pending = [(key, prompt_ids) for key, prompt_ids in asked.items() if key not in done]
     already_done = len(asked) - len(pending)
+    spent = spent_seconds(config.out) if existing else 0.0  # no answers: nothing was spent
     if not pending:
         return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0)
+    if config.max_minutes and spent >= config.max_minutes * 60:
+        return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0, out_of_time=True)
 
     with open_generator(config, tokenizer) as generator:
-        return _answer(config, generator, tokenizer, pending, already_done, len(asked))
+        return _answer(config, generator, tokenizer, pending, already_done, len(asked), spent)
 
 
 @contextmanager
@@ -427,27 +462,67 @@ def _answer(
     pending: list[tuple[str, list[int]]],
     already_done: int,
     prompts: int,
+    spent: float,
 ) -> GenerateSummary:
-    """Answer `pending` (of `prompts` in the set), longest prompt first, one durable append
-    per batch."""
-    tokenized = sorted(pending, key=lambda item: -len(item[1]))
+    """Answer `pending` (of `prompts` in the set) in `answering_order`, one durable append per
+    batch, until `config.max_minutes` (if any) less the `spent` seconds of earlier runs are
+    spent."""
+    batches = answering_order(pending, config)
+    budget = config.max_minutes * 60 - spent if config.max_minutes else float("inf")
     started = time.monotonic()
-    new_tokens = 0
-    progress = token_progress("generate")
+    new_tokens = generated = 0
+    limit = f" (at most {config.max_minutes:g} min in all)" if config.max_minutes else ""
+    progress = token_progress(f"generate{limit}")
     folder = topk_dir(config.out)
     with progress:
         task = progress.add_task(
             "generate", total=prompts, completed=already_done, tokens=0, rate=0.0
         )
-        for start in range(0, len(tokenized), config.batch_size):
-            batch = tokenized[start : start + config.batch_size]
+        for batch in batches:
+            if time.monotonic() - started >= budget:
+                break
             outputs = generator([ids for _, ids in batch])
             records = batch_records(
                 batch, outputs, generator.eos, tokenizer, config.top_k_logprobs, folder
             )
             append_jsonl(config.out, records)  # after the shard its records point into
+            write_json(spent_seconds_path(config.out),
+                       {"seconds": round(spent + time.monotonic() - started, 3)})
+            generated += len(batch)
             new_tokens += sum(len(record["response_token_ids"]) for record in records)
             rate = new_tokens / max(time.monotonic() - started, 1e-9)
             progress.update(task, advance=len(batch), tokens=new_tokens, rate=rate)
     seconds = time.monotonic() - started
-    return GenerateSummary(config.out, prompts, already_done, len(tokenized), new_tokens, seconds)
+    return GenerateSummary(config.out, prompts, already_done, generated, new_tokens, seconds,
+                           out_of_time=generated < len(pending))
+
+
+Batch = list[tuple[str, list[int]]]  # (prompt id, prompt token ids) answered at once
+
+
+def answering_order(pending: Batch, config: GenerateConfig) -> list[Batch]:
+    """The prompts in batches of neighbouring lengths (sorted shortest first, then cut at
+    `batch_size` rows or `max_batch_tokens`), so that a batch pads little and none costs far
+    more than another, taken in van der Corput order (0, n/2, n/4, 3n/4, ...): any first few
+    span the lengths evenly, so answering cut short by `max_minutes` leaves a sample stratified
+    by prompt length (the file is shuffled, so random given the length; long prompts, fewer to
+    a batch, count for less), and the tokens/s and ETA shown early are representative. vLLM
+    pages its cache and pads nothing: there batches are cut at `batch_size` only."""
+    cap = config.max_batch_tokens if resolve_engine(config.engine) == "torch" else None
+    batches: list[Batch] = []
+    for item in sorted(pending, key=lambda item: len(item[1])):
+        positions = len(item[1]) + config.max_new_tokens  # the batch's longest row, sorted
+        if (batches and len(batches[-1]) < config.batch_size
+                and (cap is None or (len(batches[-1]) + 1) * positions <= cap)):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return [batches[index] for index in spread_order(len(batches))]
+
+
+def spread_order(count: int) -> list[int]:
+    """0 .. count - 1 in van der Corput (bit-reversal) order: each prefix spreads evenly."""
+    bits = max(count - 1, 0).bit_length()
+    reversed_indices = (int(f"{index:0{bits}b}"[::-1], 2) if bits else 0
+                        for index in range(1 << bits))
+    return [index for index in reversed_indices if index < count]

@@ -82,6 +82,7 @@ Profile = Literal["default", "full"]
 FULL_PROFILE: dict[str, Any] = {
     "work_dir": Path("afa-train-work-full"),
     "num_prompts": 2000,
+    "generate_max_minutes": 60,
     "max_new_tokens": 256,
     "steps": 1200,
     "eval_every": 25,
@@ -97,6 +98,19 @@ FULL_PROFILE_ON_VLLM: dict[str, Any] = {"num_prompts": 4000}
 # 2026-12-02; bench/results/mission_steps_2026-12-02.json); today's fit runs 500 in the time 300
 # took before it was sped up. A feature draft keeps 300 (`FEATURE_DRAFT`), as measured.
 DEFAULT_STEPS = 500
+# The default profile answers 800 training prompts, or as many as 13 minutes allow: the
+# target's tokens/s differ sixfold between 2-core VMs (the torch path: 281 on one AMD EPYC,
+# 182 on another, 146 on an Intel Xeon with AMX, 48.6 on an Ice Lake Xeon without native
+# bfloat16; README), so the 800 answers took 8 and 12.3 minutes on the AMD VMs and 15.3 on the
+# Intel one but would take about 46 on the Ice Lake one. With the cap the held-out answers (1 to 3 minutes), the answers
+# and the fit (8 to about 14 minutes) stay within about 30 minutes on each. Time alone is no
+# better target: on the slower AMD VM 12 minutes of answering from 4,000 prompts gave 1,024
+# answers and held-out τ(4) 1.54, the first 800 prompts 1.61 (2026-12-07, the same held-out
+# answers; bench/results/mission_answer_budget_2026-12-07.json). The full profile answers its
+# 2,000 (4,000 on vLLM) prompts within its 60 minutes on every VM timed but the Ice Lake one,
+# where the cap keeps it within about 2 hours.
+DEFAULT_GENERATE_MINUTES = 13.0
+DEFAULT_NUM_PROMPTS = 800
 # Held-out evaluations without a better τ before a fit stops. The held-out τ is noisy: on the
 # full profile's 2,000 answers six evaluations in a row (steps 400–525) found no better one
 # before it rose; at the default mission's 500 steps patience 3 stopped at step 225 with τ(4)
@@ -129,9 +143,10 @@ FULL_PROFILE_FEATURE: dict[str, Any] = {"steps": 1500, "eval_every": 100, "patie
 
 
 class MissionConfig(BaseModel):
-    """Defaults sized for at most 30 minutes on 2 CPU cores with native bfloat16 and
-    SmolLM2-135M-Instruct (timed at 17–22 minutes from an empty work folder; about an hour on a
-    CPU that emulates bfloat16, estimated; see the README). The draft is fine-tuned in full
+    """Defaults sized for about 30 minutes at most on 2 CPU cores with SmolLM2-135M-Instruct
+    (timed at 17–25 minutes from an empty work folder on VMs with native bfloat16; where a CPU
+    is slower, answering stops after 13 minutes: about 30 minutes in all, estimated; see the
+    README). The draft is fine-tuned in full
     by default (its input embeddings kept as they are): at 177 k target tokens it reached
     held-out α 0.233 where LoRA and AFA-LoRA adapters reached 0.18 on the same tokens and steps;
     an adapter flag (`--method afa-lora`, `--rank`, ...) trains an adapter instead."""
@@ -139,10 +154,12 @@ class MissionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: Profile = Field(
-        "default", description="default: sized for about 30 minutes on 2 CPU cores with "
-        "native bfloat16 (about an hour without); full: the "
+        "default", description="default: sized for about 30 minutes at most on 2 CPU cores "
+        f"({DEFAULT_NUM_PROMPTS} prompts, answered within {DEFAULT_GENERATE_MINUTES:g} "
+        "minutes); full: the "
         f"headline run ({FULL_PROFILE['num_prompts']:,} prompts, "
-        f"{FULL_PROFILE_ON_VLLM['num_prompts']:,} where vLLM answers, "
+        f"{FULL_PROFILE_ON_VLLM['num_prompts']:,} where vLLM answers, answered within "
+        f"{FULL_PROFILE['generate_max_minutes']} minutes, "
         f"{FULL_PROFILE['max_new_tokens']}-token responses, up to {FULL_PROFILE['steps']} "
         f"steps, {FULL_PROFILE_FEATURE['steps']:,} for a feature draft, work dir "
         f"{FULL_PROFILE['work_dir']}; resumable), each value overridden by a given flag.")
@@ -156,8 +173,10 @@ class MissionConfig(BaseModel):
     heldout_prompts: tuple[str, ...] = Field(
         DEFAULT_HELDOUT_SETS, description="Prompt sets to hold out for evaluation (repeat the "
         "flag); a set also given to --prompts is split.")
-    num_prompts: int = Field(800, ge=1, description="Training prompts; changing it later keeps "
-                             "the answers to prompts still asked.")
+    num_prompts: int = Field(
+        DEFAULT_NUM_PROMPTS, ge=1, description="Training prompts (fewer are answered where "
+        "--generate-max-minutes runs out first); changing it later keeps the answers to "
+        "prompts still asked.")
     num_heldout: int = Field(
         48, ge=1, description="Prompts kept out of training, for eval "
         "(WORK/prompts/heldout.jsonl).")
@@ -166,6 +185,12 @@ class MissionConfig(BaseModel):
     layers: int = Field(2, ge=1, description="Decoder layers of a truncated draft.")
     max_new_tokens: int = Field(192, ge=1, description="Longest target response to train on.")
     generate_engine: EngineName = Field("auto", description=ENGINE_HELP)
+    generate_max_minutes: float = Field(
+        DEFAULT_GENERATE_MINUTES, ge=0, description="Minutes the target may spend answering "
+        "training prompts, counted across resumed runs (vLLM's start-up not counted): answering "
+        "stops there, the answers so far a sample spread over the prompts' lengths; a larger "
+        "value answers on. Sized so that the mission takes about 30 minutes at most on 2 CPU "
+        "cores, where it answers all 800 prompts on the faster ones; 0: no limit.")
     generate_batch_size: int = Field(
         DEFAULT_BATCH_SIZE, ge=1, description="Prompts the target answers at once.")
     generate_dtype: DTypeName | None = Field(
@@ -291,15 +316,21 @@ class WorkDir:
         output: Path,
         action: Callable[[bool], None],
         after: Sequence[StepOutcome] = (),
+        extent: Any = None,
     ) -> StepOutcome:
         """Run `action(stale)` unless a marker with the same key says `output` is done.
+
+        `extent`: settings of how far the step goes rather than of what its output holds (a time
+        budget): part of the key, so a new extent runs the step again, but not of its inputs
+        (`ran_with`), so that run may keep what the step made before.
 
         The marker is written with the key when the step starts and completed when it ends, so
         a killed step resumes only with the same inputs. `stale` is True when the marker holds
         another key, or there is none but `output` exists: what `output` holds was made from
         other inputs (or from unknown ones) and must be discarded, not resumed.
         """
-        key = _key({"step": name, "inputs": inputs, "after": [step.key for step in after]})
+        key = _key({"step": name, "inputs": inputs, "after": [step.key for step in after]}
+                   | ({"extent": extent} if extent is not None else {}))
         inputs_key = _key(inputs)
         marker = self.marker(name)
         recorded = json.loads(marker.read_text()) if marker.exists() else None
@@ -421,11 +452,13 @@ def prepare(config: MissionConfig, work: WorkDir) -> Prepared:
         dtype=config.answering_dtype,
         device=config.device,
         top_k_logprobs=config.top_k_logprobs,
+        max_minutes=config.generate_max_minutes,
     )
     heldout_config = generate_config.model_copy(update={
         "prompts": str(folder / "heldout.jsonl"),
         "out": work.root / "heldout-data.jsonl",
         "top_k_logprobs": 0,
+        "max_minutes": 0.0,  # every held-out prompt
     })
     heldout_step = generate_step(work, "generate-heldout", heldout_config, prompts_step)
     data_step = generate_step(work, "generate", generate_config, prompts_step)
@@ -436,9 +469,10 @@ def generate_step(
     work: WorkDir, name: str, config: GenerateConfig, prompts_step: StepOutcome
 ) -> StepOutcome:
     """The target's responses to a prompt file: resumed where a killed run left it; when only
-    the prompt file changed (say `--num-prompts` grew), the answers to prompts still asked are
-    kept; started afresh when any of its own inputs changed."""
-    inputs = config.model_dump(mode="json")
+    the prompt file or the time budget changed (say `--num-prompts` grew), the answers to
+    prompts still asked are kept (and answering goes on while the budget lasts); started afresh
+    when any other of its own inputs changed."""
+    inputs = config.model_dump(mode="json", exclude={"max_minutes"})
     same_inputs = work.ran_with(name, inputs)
 
     def generate(stale: bool) -> None:
@@ -454,7 +488,8 @@ def generate_step(
 
         generate_responses(config, drop_unasked=report)
 
-    return work.step(name, inputs, config.out, generate, after=[prompts_step])
+    return work.step(name, inputs, config.out, generate, after=[prompts_step],
+                     extent={"max_minutes": config.max_minutes} if config.max_minutes else None)
 
 
 def fit_step(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,3 +81,22 @@ def real_tokenizer(real_model_path):
 @pytest.fixture(scope="session")
 def real_draft(real_target):
     return truncated_copy(real_target, 2)
+
+
+class BatchClock:
+    """A stand-in for `generate`'s clock (the only thing faked): each batch the target answers
+    takes `seconds_per_batch`; the answering itself is the real model's."""
+
+    def __init__(self, monkeypatch, seconds_per_batch: float):
+        from draft_training import generate
+
+        self.now, self.batches = 0.0, []
+        monkeypatch.setattr(generate, "time", SimpleNamespace(monotonic=lambda: self.now))
+        answer = generate.HfGenerator.__call__
+
+        def timed(generator, prompts):
+            self.batches.append(len(prompts))
+            self.now += seconds_per_batch
+            return answer(generator, prompts)
+
+        monkeypatch.setattr(generate.HfGenerator, "__call__", timed)

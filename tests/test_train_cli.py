@@ -25,7 +25,7 @@ from draft_training.compare import CompareConfig
 from draft_training.fit import fit
 from draft_training.pipeline import MissionConfig
 from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path, read_config
-from tests.conftest import tiny_llama
+from tests.conftest import BatchClock, tiny_llama
 
 runner = CliRunner()
 
@@ -436,6 +436,39 @@ def test_a_mission_given_another_prompt_list_keeps_the_answers_to_prompts_still_
     assert all(len(record["response_token_ids"]) <= 3 for record in answers().values())
 
 
+def test_the_mission_answers_for_its_minutes_and_on_when_given_more(
+    target_dir, prompts_file, tmp_path, monkeypatch
+):
+    """--generate-max-minutes: the training prompts are answered until the minutes are spent
+    (the held-out ones all), the draft trains on what came; more minutes keep those answers
+    and answer on; `generate --max-minutes` says what it left."""
+    clock = BatchClock(monkeypatch, seconds_per_batch=60)
+    work = tmp_path / "work"
+    args = [*mission_args(target_dir, prompts_file, work, steps=2), "--generate-batch-size", 2]
+
+    def answers(name: str = "data.jsonl") -> list[dict]:
+        return [json.loads(line) for line in (work / name).open()]
+
+    _, stderr = invoke(*args, "--generate-max-minutes", 2)  # two batches of 2, of 6
+    first = answers()
+    assert len(first) == 4 and len(answers("heldout-data.jsonl")) == 3
+    assert "[run]  fit-" in stderr
+    _, stderr = invoke(*args, "--generate-max-minutes", 2)
+    assert "[run]" not in stderr
+    batches = len(clock.batches)
+    _, stderr = invoke(*args, "--generate-max-minutes", 3)  # one minute more: one batch
+    assert "[keep] generate: 4 answers to prompts still asked, 0 dropped" in stderr
+    assert "[skip] generate-heldout" in stderr and "[run]  fit-" in stderr
+    assert answers()[:4] == first and len(answers()) == 6 and len(clock.batches) == batches + 1
+
+    _, stderr = invoke("generate", "--target", target_dir, "--prompts", prompts_file,
+                       "--out", tmp_path / "one-minute.jsonl", "--batch-size", 4,
+                       "--max-new-tokens", 4, "--max-minutes", 1)
+    assert "4 responses generated" in stderr
+    assert f"of {len(QUESTIONS)}; {len(QUESTIONS) - 4} left unanswered: --max-minutes 1 spent" \
+        in stderr
+
+
 def test_the_mission_answers_in_the_machines_fastest_dtype_unless_told(monkeypatch):
     for native, fastest in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(loading, "cpu_runs_bfloat16_natively", lambda native=native: native)
@@ -466,6 +499,9 @@ def test_the_mission_fine_tunes_in_full_by_default_and_the_full_profile_fills_it
     default = MissionConfig()  # full fine-tuning unless an adapter is asked for
     assert (default.adapter, default.lr, default.num_prompts, default.steps, default.patience,
             default.work_dir) == (None, 2e-3, 800, 500, 8, Path("afa-train-work"))
+    # answering has a time limit too, which the VMs timed reach only without native bfloat16
+    assert (default.generate_max_minutes, full.generate_max_minutes) == (13, 60)
+    assert CompareConfig().mission.generate_max_minutes == 0  # every arm learns from all
     assert MissionConfig(adapter=AfaLoraConfig()).lr == 2e-3
     assert MissionConfig(adapter=AfaLoraConfig(), lr=5e-4).lr == 5e-4
     assert MissionConfig.model_validate({"adapter": {"method": "full"}}).adapter is None

@@ -26,11 +26,18 @@ from afa_serve.engine.verify import SamplingSettings
 from afa_serve.prompts import load_prompts, prompt_token_ids
 from draft_training.afa_lora import AfaLoraConfig
 from draft_training.fit import fit, resume
-from draft_training.generate import GenerateConfig, answers_to_asked_prompts, generate_responses
+from draft_training.generate import (
+    GenerateConfig,
+    answering_order,
+    answers_to_asked_prompts,
+    generate_responses,
+    spread_order,
+)
 from draft_training.init_draft import InitDraftConfig, init_draft
 from draft_training.merge import MergeRefusedError, merge_run
 from draft_training.run import FitConfig, checkpoint_path, final_path, metrics_path, trained_model
 from draft_training.schedule import anneal_end_step, lambda_at
+from tests.conftest import BatchClock
 
 TARGET_LAYERS = 4
 CHAT_TEMPLATE = (
@@ -214,7 +221,8 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
     with pytest.raises(ValueError, match=r"another prompt under id .*edited.jsonl:2"):
         generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
                                           out=answered, max_new_tokens=4))
-    first, second = (json.loads(line) for line in answered.read_text().splitlines())
+    first, second = sorted((json.loads(line) for line in answered.read_text().splitlines()),
+                           key=lambda record: record["id"])  # lines 1 and 2
     # what a mission does with a changed prompt list: the answer no longer asked is dropped
     told = []
     summary = generate_responses(GenerateConfig(target=str(target_dir), prompts=str(edited),
@@ -224,6 +232,68 @@ def test_generate_records_the_targets_responses_and_resumes_by_prompt_id(
     records = [json.loads(line) for line in answered.read_text().splitlines()]
     assert len(records) == 2 and records[0] == first and records[1]["id"] == f"{edited}:2"
     assert records[1]["prompt_token_ids"] != second["prompt_token_ids"]
+
+
+def test_generate_stops_when_its_minutes_are_spent_counting_across_runs(
+    target_dir, prompts_file, tmp_path, monkeypatch
+):
+    """--max-minutes: the batch under way finishes, then answering stops; the time spent is
+    kept beside OUT, so a rerun answers only for what is left. Batches hold prompts of
+    neighbouring lengths, shortest first, then spread over the lengths (van der Corput order),
+    so a run cut short has answered short and long prompts alike, the longest last."""
+    from draft_training import generate
+
+    clock = BatchClock(monkeypatch, seconds_per_batch=30)
+    out = tmp_path / "data.jsonl"
+
+    def run(minutes: float):
+        return generate_responses(GenerateConfig(
+            target=str(target_dir), prompts=str(prompts_file), out=out, batch_size=2,
+            max_new_tokens=4, max_minutes=minutes))
+
+    def answered() -> list[str]:
+        return [json.loads(line)["id"] for line in out.read_text().splitlines()]
+
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    by_length = [prompt.id for prompt in sorted(  # shortest first; ties in the file's order
+        load_prompts(str(prompts_file)),
+        key=lambda prompt: len(prompt_token_ids(prompt, tokenizer)))]
+    batches = [by_length[start : start + 2] for start in range(0, len(by_length), 2)]
+    assert generate.spread_order(len(batches)) == [0, 2, 1, 3]
+
+    first = run(1)  # two batches of 30 s: the shortest two prompts and the third pair
+    assert (first.generated, first.out_of_time) == (4, True)
+    assert answered() == batches[0] + batches[2]
+    assert json.loads(generate.spent_seconds_path(out).read_text()) == {"seconds": 60.0}
+    again = run(1)  # spent: the target is not even loaded
+    assert (again.generated, again.out_of_time, clock.batches) == (0, True, [2, 2])
+    more = run(1.5)  # 30 s left: one more batch, the shorter of the two left
+    assert (more.already_done, more.generated, more.out_of_time) == (4, 2, True)
+    assert answered()[4:] == batches[1]
+    rest = run(0)  # no limit
+    assert (rest.generated, rest.out_of_time) == (2, False)
+    assert answered()[6:] == batches[3]
+    assert generate.spent_seconds(out) == 120.0
+
+
+def test_long_prompts_come_fewer_to_a_batch_on_the_torch_path():
+    """Batches of neighbouring lengths, shortest first, cut at `batch_size` rows or at
+    `max_batch_tokens` rows x (longest prompt + new tokens) on the torch path; vLLM, which
+    pads nothing, gets `batch_size` rows whatever their length. Then spread over the lengths."""
+    lengths = [9, 1, 30, 2, 3, 12, 4, 2]
+    pending = [(f"p{index}", [7] * length) for index, length in enumerate(lengths)]
+
+    def batches(engine: str) -> list[list[int]]:
+        config = GenerateConfig(target="unused", prompts="unused", out=Path("unused"),
+                                batch_size=3, max_new_tokens=2, max_batch_tokens=20,
+                                engine=engine)
+        return [[len(ids) for _, ids in batch] for batch in answering_order(pending, config)]
+
+    # sorted 1 2 2 | 3 4 (3 rows x 6 > 20) | 9 (2 x 11 > 20) | 12 | 30 (one alone, over it)
+    by_length = [[1, 2, 2], [3, 4], [9], [12], [30]]
+    assert batches("torch") == [by_length[index] for index in spread_order(5)]
+    assert spread_order(5) == [0, 4, 2, 1, 3]
+    assert batches("vllm") == [[1, 2, 2], [12, 30], [3, 4, 9]]  # spread_order(3): 0, 2, 1
 
 
 def test_answers_to_asked_prompts_follow_their_prompt_to_a_free_line_once_each():
