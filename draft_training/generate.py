@@ -9,8 +9,8 @@ batch, and a rerun skips the prompt ids already there. Prompts are batched by le
 batch pads little, and the batches taken in an order that spreads any first few across all
 lengths (`answering_order`). With `max_minutes` answering stops once that much generation time
 has been spent, counted across resumed runs (`OUT.seconds.json`). On CPU the torch path
-attends with `cpu_decode_attention`, which spares the per-step copies of the key/value cache that make Hugging Face's own attention slow at batch
-sizes worth running.
+attends with `cpu_decode_attention`, which spares the per-step copies of the key/value cache
+that make Hugging Face's own attention slow at batch sizes worth running.
 
 With `top_k_logprobs` K > 0 (the default, 20) each batch also writes one shard of the target's
 top-K log_softmax of its raw logits (temperature 1, no processing) at every response position
@@ -265,6 +265,11 @@ def spent_seconds(out: Path) -> float:
     return json.loads(path.read_text())["seconds"] if path.exists() else 0.0
 
 
+def seconds_left(config: GenerateConfig, spent: float) -> float:
+    """What `config.max_minutes` leaves after `spent` seconds (no limit: infinity)."""
+    return config.max_minutes * 60 - spent if config.max_minutes else float("inf")
+
+
 def token_progress(label: str) -> Progress:
     """A bar of records done, tokens, tokens/s and ETA (fields `tokens` and `rate`)."""
     return Progress(
@@ -432,7 +437,7 @@ def generate_responses(
     spent = spent_seconds(config.out) if existing else 0.0  # no answers: nothing was spent
     if not pending:
         return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0)
-    if config.max_minutes and spent >= config.max_minutes * 60:
+    if seconds_left(config, spent) <= 0:
         return GenerateSummary(config.out, len(asked), already_done, 0, 0, 0.0, out_of_time=True)
 
     with open_generator(config, tokenizer) as generator:
@@ -468,7 +473,7 @@ def _answer(
     batch, until `config.max_minutes` (if any) less the `spent` seconds of earlier runs are
     spent."""
     batches = answering_order(pending, config)
-    budget = config.max_minutes * 60 - spent if config.max_minutes else float("inf")
+    budget = seconds_left(config, spent)
     started = time.monotonic()
     new_tokens = generated = 0
     limit = f" (at most {config.max_minutes:g} min in all)" if config.max_minutes else ""

@@ -102,13 +102,14 @@ DEFAULT_STEPS = 500
 # target's tokens/s differ sixfold between 2-core VMs (the torch path: 281 on one AMD EPYC,
 # 182 on another, 146 on an Intel Xeon with AMX, 48.6 on an Ice Lake Xeon without native
 # bfloat16; README), so the 800 answers took 8 and 12.3 minutes on the AMD VMs and 15.3 on the
-# Intel one but would take about 46 on the Ice Lake one. With the cap the held-out answers (1 to 3 minutes), the answers
-# and the fit (8 to about 14 minutes) stay within about 30 minutes on each. Time alone is no
-# better target: on the slower AMD VM 12 minutes of answering from 4,000 prompts gave 1,024
-# answers and held-out τ(4) 1.54 (800 of them 1.52), the first 800 prompts 1.61 (2026-12-07,
-# the same held-out answers; bench/results/mission_answer_budget_2026-12-07.json). The full profile answers its
-# 2,000 (4,000 on vLLM) prompts within its 60 minutes on every VM timed but the Ice Lake one,
-# where the cap keeps it within about 2 hours.
+# Intel one but would take about 46 on the Ice Lake one. With the cap the held-out answers (1
+# to 3 minutes), the answers and the fit (8 to about 14 minutes) stay within about 30 minutes
+# on each. Time alone is no better target: on the slower AMD VM 12 minutes of answering from
+# 4,000 prompts gave 1,024 answers and held-out τ(4) 1.54 (800 of them 1.52), the first 800
+# prompts 1.61 (2026-12-07, the same held-out answers;
+# bench/results/mission_answer_budget_2026-12-07.json). The full profile answers its 2,000
+# (4,000 on vLLM) prompts within its 60 minutes on every VM timed but the Ice Lake one, where
+# the cap keeps it within about 2 hours.
 DEFAULT_GENERATE_MINUTES = 13.0
 DEFAULT_NUM_PROMPTS = 800
 # Held-out evaluations without a better τ before a fit stops. The held-out τ is noisy: on the
